@@ -8,8 +8,9 @@ blocks) and minimises::
     CE(student) + kd_weight * KL(teacher || student) + family.penalty(step)
 
 The teacher is the same model with every gate at 1 (one extra forward under ``no_grad``, no extra
-weights). The learning rate warms up linearly for ``warmup`` steps, then follows a cosine to 0,
-for every optimizer group. On CUDA the forwards run under bf16 autocast.
+weights). The learning rate warms up linearly for ``warmup`` steps, then follows a cosine to 0
+(or stays, for an optimizer group the family marks ``schedule: constant``: the DDP
+multipliers). On CUDA the forwards run under bf16 autocast.
 
 With a run folder, ``<run>/train/`` holds ``metrics.jsonl`` (one line per step: loss, CE, KL,
 penalty, expected and achieved sparsity, multipliers, lr), ``checkpoint.pt`` (gates, duals,
@@ -25,6 +26,7 @@ directory).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,10 +49,13 @@ class TrainingHalted(PrunegraphError):
     """Training stopped early on request (``halt_after``); the checkpoint lets it resume."""
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at ``total`` (or 1 for
+    ``schedule='constant'``)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     span = max(total - warmup, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
@@ -157,8 +162,11 @@ class Train(Pass):
         order = _order(len(blocks), self.steps * per_step, self.seed)
 
         optimizer = torch.optim.AdamW(family.param_groups(), betas=(0.9, 0.999), eps=1e-8)
+        warmup = min(self.warmup, self.steps - 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.steps, min(self.warmup, self.steps - 1)))
+            optimizer, [functools.partial(lr_factor, total=self.steps, warmup=warmup,
+                                          schedule=g.get("schedule", "cosine"))
+                        for g in optimizer.param_groups])
         torch.manual_seed(self.seed)
 
         folder = Path(state.run_dir) / "train" if state.run_dir is not None else None
