@@ -1,0 +1,21 @@
+"""The wheel lists every package folder: a non-editable ``pip install .`` must not lose modules
+that an editable install finds on disk."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_in_the_wheel():
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {name: ROOT / folder for name, folder in tool["package-dir"].items()}
+    on_disk = set()
+    for name, folder in roots.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            on_disk.add(".".join((name, *rel)))
+    missing = on_disk - set(tool["packages"])
+    assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
