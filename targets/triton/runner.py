@@ -1,12 +1,18 @@
-"""Swap SwiGLU MLP modules' forward for generated Triton kernels, and back.
+"""Swap SwiGLU MLP modules' forward for Triton kernels, and back.
 
-An MLP qualifies when it has ``gate_proj``, ``up_proj`` and ``down_proj`` ``nn.Linear`` children
-without bias and a SiLU activation (checked numerically, so any SiLU class passes) and its
-forward is ``down(act(gate(x)) * up(x))``. The caller names the modules by path; nothing here
-knows an architecture. The installed forward falls back to the module's own forward, with one
-warning per reason, when the kernels cannot run: the input is on a device triton does not
-target (anything but CUDA/ROCm/XPU, unless ``TRITON_INTERPRET=1``), its dtype differs from the
-weights', or autograd needs a graph (the kernels have no backward).
+Two installers share :func:`uninstall`: :func:`install_triton_mlps` (dense or pruned MLPs, the
+generated fused SwiGLU launchers) and :func:`install_prunepath_mlps` (a PrunePath model's routed
+MLPs, the top-p expert kernels of :mod:`~prunegraph.targets.triton.prunepath`).
+
+For :func:`install_triton_mlps` an MLP qualifies when it has ``gate_proj``, ``up_proj`` and
+``down_proj`` ``nn.Linear`` children without bias and a SiLU activation (checked numerically, so
+any SiLU class passes) and its forward is ``down(act(gate(x)) * up(x))``; the caller names the
+modules by path. :func:`install_prunepath_mlps` finds the gate, up and down weights from the
+routers' MoEfy layout (fused ``gate_up_proj`` too), so nothing here knows an architecture.
+Either installed forward falls back to the module's own forward, with one warning per reason,
+when the kernels cannot run: the input is on a device triton does not target (anything but
+CUDA/ROCm/XPU, unless ``TRITON_INTERPRET=1``), its dtype differs from the weights', or autograd
+needs a graph (the kernels have no backward).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunegraph import prunepath as pp
 from prunegraph.errors import PreconditionError
 from prunegraph.targets.triton.codegen import MLPShape, load_module
+from prunegraph.targets.triton.prunepath import prunepath_ffn
 from prunegraph.targets.triton.swiglu import interpreting
 
-__all__ = ["mlp_shapes", "install_triton_mlps", "uninstall"]
+__all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall"]
 
 _MARK = "_prunegraph_triton_forward"
 _ACT_NAMES = ("act_fn", "act", "activation_fn", "activation")
@@ -72,26 +80,42 @@ def mlp_shapes(model: nn.Module, mlp_paths: Sequence[str]) -> list[MLPShape]:
     return shapes
 
 
+def _fallback_reason(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> str | None:
+    """Why the kernels cannot take ``x`` with these weights (None: they can)."""
+    if x.device.type not in _TRITON_DEVICES and not interpreting():
+        return (f"input on {x.device.type}, which triton does not target "
+                f"(set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)")
+    if any(t.dtype != x.dtype for t in weights):
+        return f"input dtype {x.dtype} differs from the weights' {weights[0].dtype}"
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in weights)):
+        return "autograd needs a graph and the kernels have no backward"
+    return None
+
+
+def _warn_once(reason: str, warned: set[str]) -> None:
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(f"Triton MLPs fall back to PyTorch: {reason}", RuntimeWarning, stacklevel=3)
+
+
 def _make_forward(run, original, warned: set[str]):
     def forward(self, x, *args, **kwargs):
         w = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-        reason = None
-        if x.device.type not in _TRITON_DEVICES and not interpreting():
-            reason = (f"input on {x.device.type}, which triton does not target "
-                      f"(set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)")
-        elif any(t.dtype != x.dtype for t in w):
-            reason = f"input dtype {x.dtype} differs from the weights' {w[0].dtype}"
-        elif torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w)):
-            reason = "autograd needs a graph and the kernels have no backward"
+        reason = _fallback_reason(x, w)
         if reason is not None:
-            if reason not in warned:
-                warned.add(reason)
-                warnings.warn(f"Triton MLPs fall back to PyTorch: {reason}", RuntimeWarning,
-                              stacklevel=2)
+            _warn_once(reason, warned)
             return original(x, *args, **kwargs)
         return run(x, *w)
 
     return forward
+
+
+def _swap_forward(mlp: nn.Module, make) -> None:
+    """Set ``mlp.forward = make(original)`` and remember what to restore (see uninstall)."""
+    previous = mlp.__dict__.get("forward")  # an instance-level forward someone else set
+    original = previous if previous is not None else type(mlp).forward.__get__(mlp)
+    setattr(mlp, _MARK, previous)
+    mlp.forward = types.MethodType(make(original), mlp)
 
 
 def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
@@ -131,15 +155,62 @@ def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
         todo.append((mlp, entry["run"]))
     warned: set[str] = set()
     for mlp, run in todo:
-        previous = mlp.__dict__.get("forward")  # an instance-level forward someone else set
-        original = previous if previous is not None else type(mlp).forward.__get__(mlp)
-        setattr(mlp, _MARK, previous)
-        mlp.forward = types.MethodType(_make_forward(run, original, warned), mlp)
+        _swap_forward(mlp, lambda original, run=run: _make_forward(run, original, warned))
+    return model
+
+
+def _make_prunepath_forward(router, wg, wu, wd, max_grid_tokens: int,
+                            channels_per_program: int, original, warned: set[str]):
+    def forward(self, x, *args, **kwargs):
+        if x.numel() // x.shape[-1] > max_grid_tokens:
+            return original(x, *args, **kwargs)  # prefill: the documented masked PyTorch path
+        reason = _fallback_reason(x, (router.weight, wg, wu, wd))
+        if reason is not None:
+            _warn_once(reason, warned)
+            return original(x, *args, **kwargs)
+        return prunepath_ffn(x, router.weight, wg, wu, wd, router.tau, router.group_size,
+                             router.mode, max_grid_tokens=max_grid_tokens,
+                             channels_per_program=channels_per_program)
+
+    return forward
+
+
+def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
+                           channels_per_program: int = 4, pack: bool = True) -> nn.Module:
+    """Make every routed MLP of a PrunePath model (``prunegraph.prunepath``) run the Triton
+    router and expert kernels for inputs of at most ``max_grid_tokens`` tokens (decode, small
+    batches); larger inputs (prefill) run the module's own dense masked PyTorch forward, since
+    the grid path streams each token's experts separately. Returns ``model``.
+
+    ``tau`` and ``mode`` are read from each router at every call, so ``set_tau`` still works.
+    The kernel path does not update the routers' statistics (``active_fraction``); measure those
+    on the PyTorch path. ``pack`` copies each ``down`` weight once into the column-major decode
+    layout (a third of the FFN weights again in memory; without it the kernels read the live
+    row-major weight through its strides, slower). The weights are taken now: move or cast the
+    model first, and install again after changing its weights.
+    """
+    if max_grid_tokens < 1:
+        raise PreconditionError(f"max_grid_tokens must be >= 1, got {max_grid_tokens}")
+    layers = pp.kernel_weights(model)  # raises unless routed SwiGLU MLPs are installed
+    todo = []
+    for w, router in zip(layers, pp.routers(model)):
+        mlp = model.get_submodule(w["mlp"])
+        if hasattr(mlp, _MARK):
+            raise PreconditionError(f"{w['mlp']} already runs Triton kernels; call uninstall "
+                                    f"first")
+        _check_silu(mlp, w["mlp"], w["wg"])
+        wd = w["wd"].t().contiguous().t() if pack else w["wd"]
+        todo.append((mlp, router, w["wg"], w["wu"], wd))
+    warned: set[str] = set()
+    for mlp, router, wg, wu, wd in todo:
+        _swap_forward(mlp, lambda original, r=router, g=wg, u=wu, d=wd: _make_prunepath_forward(
+            r, g, u, d, max_grid_tokens, channels_per_program, original, warned))
     return model
 
 
 def uninstall(model: nn.Module, mlp_paths: Sequence[str] | None = None) -> nn.Module:
-    """Restore the forward of the listed MLPs (default: every MLP that runs Triton kernels)."""
+    """Restore the forward of the listed MLPs (default: every MLP that runs Triton kernels,
+    from either installer)."""
     mlps = ([model.get_submodule(p) for p in mlp_paths] if mlp_paths is not None
             else [m for m in model.modules() if hasattr(m, _MARK)])
     for mlp in mlps:
