@@ -1,82 +1,260 @@
-"""PrunePath τ sweep on SmolLM2-135M next to static one-shot pruning of the MLP channels.
+"""PrunePath τ sweep on SmolLM2-135M next to static MLP-channel pruning (one-shot and DDP).
 
 PrunePath side: held-out perplexity and the average fraction of FFN channels touched per token at
-each τ, from one trained checkpoint (the ``TauSweep`` of ``examples/prunepath-smollm2.yaml``:
-either read from a finished run folder with ``--from-run`` or run here). Static side: the dense
-model with only its MLP ``channels`` groups pruned one-shot (Wanda-style activation × weight
-score, the same number of channels kept in every layer), at the same FFN fraction as each τ
-point, evaluated on the same held-out blocks. The static models get no fine-tuning while the
-PrunePath model was fine-tuned for the example's 100 steps: that asymmetry is stated with the
-results.
+each τ, from one trained checkpoint (the passes of ``examples/prunepath-smollm2.yaml``): read from
+a finished run folder with ``--from-run``, or trained here with ``--train`` (the example's passes
+in-process, with the groups of ``--groups FILE`` instead of ``Analyze`` where ``torch.export``
+fails, e.g. on an older torch; ``--save DIR`` keeps the trained model for
+``prunegraph.from_pretrained``).
 
-    prunegraph run examples/prunepath-smollm2.yaml --out runs/prunepath
-    python benchmarks/prunepath.py --from-run runs/prunepath \\
-        --out benchmarks/results/prunepath.json --plot docs/img/prunepath.png
+Static side, at the FFN fraction of each τ point, only the MLP ``channels`` groups pruned and the
+same number of channels kept in every layer:
+
+* ``wanda``: one-shot Wanda scores (activation × weight), no training;
+* ``ddp``: DDP gates on the channels (``Gate(budget="units", scope="group")``, so the per-layer
+  quota matches the one-shot rows), trained mask-only with ``Train`` for ``--ddp-steps`` steps of
+  the PrunePath batch shape, ``Finalize(mode="topk")``, ``Slice``. On CUDA the points train in
+  ``--ddp-workers`` processes at once (one step is launch-bound, so they share the GPU well).
+
+Every model is evaluated on the same held-out blocks in float32 (the ``Train`` forwards run under
+bf16 autocast on CUDA). The JSON is rewritten after every point. A GPU run::
+
+    python benchmarks/prunepath.py --train --groups benchmarks/results/smollm2-groups.json \\
+        --warmup-steps 300 --steps 300 --batch-size 8 --block-len 256 --ddp-steps 300 \\
+        --ppl-blocks 32 --save runs/prunepath-gpu/model --out benchmarks/results/prunepath.json \\
+        --plot docs/img/prunepath.png --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
+import logging
+import multiprocessing
+import os
 import platform
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
+MODEL = "smollm2-135m"
 TAUS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+STATIC = ("wanda", "ddp")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "prunepath-smollm2.yaml"
+SECTION = "## PrunePath: τ sweep from one checkpoint vs static MLP-channel pruning (SmolLM2-135M)"
+START = time.perf_counter()
 
 
-def prunepath_points(run: Path | None, ppl_blocks: int) -> dict:
-    """The example run's metrics (run it first when no folder is given)."""
-    if run is None:
-        run = Path("runs/prunepath-bench")
-        subprocess.run([sys.executable, "-m", "prunegraph.cli", "run", str(EXAMPLE), "--out",
-                        str(run), "--set", f"TauSweep.ppl_blocks={ppl_blocks}",
-                        "--set", f"Evaluate.ppl_blocks={ppl_blocks}"], check=True)
-    metrics = json.loads((run / "metrics.json").read_text())
-    return {"run": str(run), "dense": metrics.get("dense", {}), "sweep": metrics["sweep"],
-            "training": metrics.get("prunepath", {})}
+def say(text: str) -> None:
+    """A progress line, stamped like the pipeline's log lines (worker processes print too)."""
+    print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
-def static_points(fractions: list[float], ppl_blocks: int, seq_len: int, calib_blocks: int
-                  ) -> list[dict]:
-    """One-shot Wanda pruning of the MLP channels only, uniform per layer, at each fraction."""
-    from prunegraph.analysis import analyze
-    from prunegraph.gating import apply_gates
+@functools.lru_cache(maxsize=1)
+def load(name: str):
+    """The dense model and tokenizer, on the CPU, loaded once per process (never mutated)."""
     from prunegraph.models import load_model
+
+    return load_model(name)
+
+
+def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
+    from prunegraph.text import load_documents, split_documents, token_blocks
+
+    _, docs = split_documents(load_documents("wikipedia"))
+    return token_blocks(tokenizer, docs, seq_len, n_blocks)
+
+
+def load_groups(path: Path | None, model) -> list:
+    """Groups from a JSON list of ``Group.to_dict()``, or from the analysis of ``model``."""
+    from prunegraph.groups import Group
+
+    if path is None:
+        from prunegraph.analysis import analyze
+
+        return analyze(model).groups
+    return [Group.from_dict(d) for d in json.loads(path.read_text())]
+
+
+# ------------------------------------------------------------------------------ PrunePath side
+
+
+def load_spec(path: Path, sets: list[str] | tuple = ()):
+    """A spec with every pass it names registered (by importing the passes package, which
+    works without the installed entry points too)."""
+    import prunegraph.passes  # noqa: F401
+    from prunegraph.spec import load_spec as load
+
+    return load(path, sets)
+
+
+def example_passes(args) -> tuple[list, int]:
+    """The example's passes with this run's overrides, minus ``Load`` and ``Analyze`` (the model
+    and groups come from here) and ``Save`` unless ``--save`` is given; and the spec's seed."""
+    sets = [f"PrunePath.{key}={getattr(args, key)}"
+            for key in ("warmup_steps", "steps", "batch_size", "block_len")
+            if getattr(args, key) is not None]
+    sets += [f"{p}.{k}={v}" for p in ("Evaluate", "TauSweep")
+             for k, v in (("ppl_blocks", args.ppl_blocks), ("seq_len", args.seq_len))]
+    sets.append(f"TauSweep.taus={args.taus}")
+    if args.save is not None:
+        sets.append(f"Save.path={args.save.resolve()}")
+    spec = load_spec(EXAMPLE, sets)
+    drop = {"Load", "Analyze"} | (set() if args.save is not None else {"Save"})
+    return [p for p in spec.pipeline.passes if p.pass_name() not in drop], spec.seed
+
+
+def train_prunepath(args, groups, device: torch.device) -> dict:
+    """Run the example's passes in-process on a copy of the dense model."""
+    from prunegraph.pass_infra import State
+    from prunegraph.pipeline import Pipeline
+
+    passes, seed = example_passes(args)
+    base, tok = load(MODEL)
+    state = State(model=copy.deepcopy(base).to(device), tokenizer=tok, groups=groups)
+    say("PrunePath: " + " -> ".join(p.pass_name() for p in passes))
+    state = Pipeline(passes, initial=("model", "tokenizer", "groups")).run(
+        state, progress=False, seed=seed)
+    params = next(p for p in passes if p.pass_name() == "PrunePath").params()
+    return points(state.metrics, params, run=None, saved=state.get("saved_model"))
+
+
+def from_run(run: Path) -> dict:
+    """The metrics of a finished run folder of the example."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    passes = load_spec(run / "spec.yaml").pipeline.passes
+    params = next(p for p in passes if p.pass_name() == "PrunePath").params()
+    return points(metrics, params, run=str(run), saved=metrics.get("model_dir"))
+
+
+def points(metrics: dict, params: dict, run: str | None, saved: str | None) -> dict:
+    training = metrics["prunepath"]
+    return {"run": run, "saved_model": saved, "dense": metrics.get("dense", {}),
+            "moefy": metrics.get("moefy", {}), "sweep": metrics["sweep"], "params": params,
+            "train_tokens": training["train_tokens"], "training": training}
+
+
+# ------------------------------------------------------------------------------- static side
+
+
+def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int, write
+                 ) -> list[dict]:
+    """One-shot Wanda pruning of the MLP channels only, uniform per layer, at each fraction
+    (gates at 0/1 on ``model``, removed after each point)."""
+    from prunegraph.gating import apply_gates
     from prunegraph.passes.evaluation import perplexity
     from prunegraph.passes.importance import score_groups
     from prunegraph.passes.prune import calibration_blocks
-    from prunegraph.text import load_documents, split_documents, token_blocks
 
-    model, tok = load_model("smollm2-135m")
-    groups = [g for g in analyze(model).groups if g.kind == "channels"]
-    calib = calibration_blocks(tok, "wikipedia", 128, calib_blocks)
-    scores = score_groups(model, groups, "wanda", blocks=calib, progress=False)
-    _, held_out = split_documents(load_documents("wikipedia"))
-    blocks = token_blocks(tok, held_out, seq_len, ppl_blocks)
+    channels = [g for g in groups if g.kind == "channels"]
+    calib = calibration_blocks(tokenizer, "wikipedia", 128, calib_blocks)
+    scores = score_groups(model, channels, "wanda", blocks=calib, progress=False)
+    device = next(model.parameters()).device
     rows = []
     for f in fractions:
-        values = {}
-        kept_total = total = 0
-        for g in groups:
-            k = max(1, round(f * g.size))
-            keep = torch.zeros(g.size)
-            keep[torch.topk(scores[g.name], k).indices] = 1.0
-            values[g.name] = keep
-            kept_total, total = kept_total + k, total + g.size
-        gates = apply_gates(model, groups, values)
+        keep = {g.name: top_mask(scores[g.name], max(1, round(f * g.size))).to(device)
+                for g in channels}
+        gates = apply_gates(model, channels, keep)
         try:
             ppl = perplexity(model, blocks, 4, progress=False)
         finally:
             gates.remove()
-        rows.append({"ffn_fraction": round(kept_total / total, 4), "ppl": round(ppl, 4)})
-        print(f"static f={f:.3f}: ppl {ppl:.3f}", flush=True)
+        kept = sum(int(v.sum()) for v in keep.values())
+        rows.append({"fraction": f, "ffn_fraction": round(kept / sum(g.size for g in channels), 4),
+                     "ppl": round(ppl, 4)})
+        say(f"static wanda f={f:.3f}: ppl {ppl:.3f}")
+        write(rows)
     return rows
+
+
+def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 gate values keeping the ``k`` best-scored units."""
+    keep = torch.zeros(scores.numel())
+    keep[torch.topk(scores, k).indices] = 1.0
+    return keep
+
+
+def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
+    """DDP gates on the MLP channels at keep ratio ``fraction`` (same quota in every layer),
+    trained, finalized to exactly that quota, sliced and evaluated."""
+    from prunegraph.groups import Group
+    from prunegraph.pass_infra import State
+    from prunegraph.passes.evaluation import perplexity
+    from prunegraph.passes.finalize import Finalize
+    from prunegraph.passes.gate import Gate
+    from prunegraph.passes.slicing import Slice
+    from prunegraph.passes.train import Train
+
+    say(f"static ddp f={fraction:.3f}: training on {cfg['device']}")
+    base, tok = load(MODEL)
+    groups = [Group.from_dict(d) for d in group_dicts]
+    state = State(model=copy.deepcopy(base).to(cfg["device"]), tokenizer=tok, groups=groups)
+    t0 = time.perf_counter()
+    Gate(family="ddp", sparsity=1.0 - fraction, budget="units", scope="group",
+         kinds=("channels",), lr=cfg["lr"], seed=cfg["seed"])(state)
+    steps = cfg["steps"]
+    train = Train(steps=steps, batch_size=cfg["batch_size"], block_len=cfg["block_len"],
+                  warmup=max(1, steps // 10), seed=cfg["seed"], checkpoint_every=steps,
+                  resume=False, plots=False)(state).stats
+    Finalize(mode="topk")(state)
+    seconds = time.perf_counter() - t0
+    plan = [pg for pg in state.plan.groups if pg.group.kind == "channels"]
+    kept, total = sum(pg.kept for pg in plan), sum(pg.group.size for pg in plan)
+    Slice()(state)
+    ppl = perplexity(state.model, held_out(tok, cfg["seq_len"], cfg["ppl_blocks"]), 4,
+                     progress=False)
+    return {"fraction": fraction, "ffn_fraction": round(kept / total, 4), "ppl": round(ppl, 4),
+            "device": cfg["device"],
+            "train_tokens": train["tokens"], "train_seconds": round(seconds, 1),
+            "gates_at_zero": train["achieved_sparsity"],
+            "steps_to_target": train["steps_to_target"],
+            "gate_mass_cut": round(state.metrics["finalize"]["gate_mass_cut"], 4)}
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def ddp_points(fractions, groups, cfg: dict, write) -> list[dict]:
+    """:func:`ddp_point` at every fraction, in ``cfg["workers"]`` spawned processes when > 1,
+    spread over the GPUs when ``cfg["device"]`` is ``cuda`` on a host with several."""
+    group_dicts = [g.to_dict() for g in groups]
+    devices = spread(cfg["device"])
+    jobs = [(f, {**cfg, "device": devices[i % len(devices)]}) for i, f in enumerate(fractions)]
+    rows: list[dict] = []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        rows.sort(key=lambda r: r["fraction"])
+        say(f"static ddp f={row['fraction']:.3f}: ppl {row['ppl']:.3f} "
+            f"({row['train_seconds']} s training)")
+        write(rows)
+
+    if cfg["workers"] <= 1:
+        for f, job in jobs:
+            done(ddp_point(f, group_dicts, job))
+        return rows
+    threads = max(1, (os.cpu_count() or 1) // cfg["workers"])
+    with ProcessPoolExecutor(cfg["workers"], mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        for fut in as_completed([pool.submit(ddp_point, f, group_dicts, job)
+                                 for f, job in jobs]):
+            done(fut.result())
+    return rows
+
+
+def spread(device: str) -> list[str]:
+    """``cuda`` on a host of several GPUs: each of them; else ``device`` alone."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else [device]
+
+
+# ---------------------------------------------------------------------------------- results
 
 
 def plot(result: dict, path: Path) -> None:
@@ -92,110 +270,223 @@ def plot(result: dict, path: Path) -> None:
     for r in pp:
         ax.annotate(f"τ={r['tau']}", (r["active_fraction"], r["ppl"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
-    st = result["static"]
-    ax.plot([r["ffn_fraction"] for r in st], [r["ppl"] for r in st], "s--",
-            label="static one-shot (Wanda, MLP channels only)")
+    styles = {"wanda": ("s--", "static one-shot (Wanda)"), "ddp": ("^-.", "static DDP (trained)")}
+    for name, rows in result["static"].items():
+        if rows:
+            ax.plot([r["ffn_fraction"] for r in rows], [r["ppl"] for r in rows], styles[name][0],
+                    label=styles[name][1] + ", MLP channels only")
     dense = result["prunepath"]["dense"].get("ppl")
     if dense:
         ax.axhline(dense, color="gray", lw=0.8, ls=":", label=f"dense ({dense:.1f})")
     ax.set_xlabel("FFN channels touched per token (fraction)")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M, 48 experts × 32 channels per MLP")
+    moefy = result["prunepath"]["moefy"]
+    ax.set_title(f"SmolLM2-135M, {moefy.get('experts')} experts × "
+                 f"{moefy.get('group_size')} channels per MLP")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     tmp.rename(path)
 
 
-SECTION = "## PrunePath: τ sweep from one checkpoint vs static MLP-channel pruning (SmolLM2-135M)"
+def matched(rows: list[dict], fraction: float) -> str:
+    """The ppl of the static row at ``fraction`` (within 2e-3), else a dash."""
+    near = [r for r in rows if abs(r["ffn_fraction"] - fraction) < 2e-3]
+    return f"{near[0]['ppl']:.2f}" if near else "—"
 
 
-def markdown(result: dict, command: str) -> str:
-    """The docs section: setup, command, table, plot, reading."""
+def markdown(result: dict) -> str:
+    """The docs section: setup facts, command, table, plot (the reading is written by hand)."""
     pp, st = result["prunepath"], result["static"]
-    tr = pp.get("training", {})
-    steps = {s["stage"]: s["steps"] for s in tr.get("stages", [])}
     dense = pp["dense"].get("ppl")
-    by_frac = {r["ffn_fraction"]: r["ppl"] for r in st}
-    lines = [SECTION, "",
-             f"CPU (shared 2 cores), float32. MoEfy: 48 experts × 32 channels per MLP (balanced "
-             f"k-means on the gate rows). PrunePath training: {steps.get('warmup', 0)} dense "
-             f"warm-up steps at τ 1.05 then {steps.get('sparse', 0)} sparse steps at τ 0.5, "
-             f"batches of 4 × 128 calibration tokens ({tr.get('train_tokens', 0):,} tokens), "
-             f"router lr 1e-3, model lr 1e-4, entropy 3e-4, load balance 1e-3, exclusive mode. "
-             f"Static: Wanda scores on {result.get('calib_blocks', 32)} × 128 calibration tokens, the same number of MLP "
-             f"channels kept in every layer, nothing else pruned, no fine-tuning. Perplexity on "
-             f"{result['ppl_tokens']:,} held-out tokens ({result['seq_len']}-token blocks).", "",
-             "```", command, "```", "",
-             "| τ | FFN channels touched / token | PrunePath ppl | static one-shot ppl at that "
-             "fraction |", "|---|---|---|---|"]
+    lines = [SECTION, "", setup_line(result), "", method_line(result), "",
+             "```", result["command"], "```", "",
+             "| τ | FFN channels touched / token | PrunePath ppl | static one-shot ppl | "
+             "static DDP ppl |", "|---|---|---|---|---|"]
     if dense:
-        lines.append(f"| dense | 1.000 | {dense:.2f} | {dense:.2f} |")
+        lines.append(f"| dense | 1.000 | {dense:.2f} | {dense:.2f} | {dense:.2f} |")
     for r in pp["sweep"]:
-        near = min(by_frac, key=lambda f: abs(f - r["active_fraction"])) if by_frac else None
-        stat = (f"{by_frac[near]:.2f}" if near is not None
-                and abs(near - r["active_fraction"]) < 2e-3 else "—")
-        lines.append(f"| {r['tau']} | {r['active_fraction']:.3f} | {r['ppl']:.2f} | {stat} |")
+        f = r["active_fraction"]
+        lines.append(f"| {r['tau']} | {f:.3f} | {r['ppl']:.2f} | {matched(st['wanda'], f)} | "
+                     f"{matched(st['ddp'], f)} |")
     lines += ["", "![PrunePath τ sweep](img/prunepath.png)", ""]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
-def append_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section in ``path`` (or append it), keeping the others."""
+def setup_line(result: dict) -> str:
+    """Device, precision, wall time and the training tokens of each side."""
+    pp, st, ddp = result["prunepath"], result["static"], result["ddp"]
+    sides = [f"PrunePath {pp['train_tokens']:,} (one checkpoint for every τ)"]
+    if st["ddp"]:
+        sides.append(f"static DDP {ddp['train_tokens']:,} per fraction")
+    if st["wanda"]:
+        sides.append(f"static one-shot 0 (Wanda scores from {result['calib_blocks']} × 128 "
+                     f"calibration tokens)")
+    precision = ("training forwards under bf16 autocast (the `Train` loop), evaluation in "
+                 "float32" if result["device_type"] == "cuda" else "float32 throughout")
+    gpus = f" on {ddp['gpus']} GPUs" if ddp["gpus"] > 1 else ""
+    return (f"Device: {result['device']}; torch {result['torch']}; {precision}. Training "
+            f"tokens: " + "; ".join(sides) + f". Whole run {result['seconds']:.0f} s, the "
+            f"static DDP points trained {ddp['workers']} at a time{gpus}.")
+
+
+def method_line(result: dict) -> str:
+    """The settings of each side."""
+    pp, ddp = result["prunepath"], result["ddp"]
+    p, moefy = pp["params"], pp["moefy"]
+    text = (f"MoEfy: {moefy.get('experts')} experts × {moefy.get('group_size')} channels per "
+            f"MLP (balanced k-means on the gate rows). PrunePath: {p['warmup_steps']} dense "
+            f"warm-up steps at τ {p['warmup_tau']}, then {p['steps']} sparse steps at τ "
+            f"{p['train_tau']}, batches of "
+            f"{p['batch_size']} × {p['block_len']} calibration tokens, router lr "
+            f"{p['router_lr']}, model lr {p['lr']}, entropy {p['entropy']}, load balance "
+            f"{p['load_balance']}, {p['mode']} mode, trained weights: {p['train_scope']}"
+            + (f", {p['lr_schedule']} lr schedule" if "lr_schedule" in p else "") + ". Static "
+            f"rows prune only the MLP channels, the same number in every layer.")
+    if result["static"]["ddp"]:
+        text += (f" Static DDP: gates on the MLP channels (budget `units`, scope `group`), "
+                 f"{ddp['steps']} mask-only steps (KD from the ungated model) of "
+                 f"{ddp['batch_size']} × {ddp['block_len']} tokens, gate lr {ddp['lr']}, then "
+                 f"`Finalize(mode=topk)` and `Slice`.")
+    return text + (f" Perplexity on {result['ppl_tokens']:,} held-out tokens "
+                   f"({result['seq_len']}-token blocks).")
+
+
+def replace_section(path: Path, text: str) -> None:
+    """Put ``text`` in place of this benchmark's section of ``path`` (appended if absent)."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if SECTION in old:
         head, _, rest = old.partition(SECTION)
         nxt = rest.find("\n## ")
-        old = head.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
+        new = head + text.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    write_text(path, new)
+
+
+def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(old.rstrip("\n") + "\n\n" + text)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.rename(path)
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------------- main
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--from-run", type=Path, default=None,
-                    help="a finished run folder of examples/prunepath-smollm2.yaml")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--from-run", type=Path, default=None,
+                      help="a finished run folder of examples/prunepath-smollm2.yaml")
+    mode.add_argument("--train", action="store_true",
+                      help="run the example's passes here (MoEfy, PrunePath, TauSweep)")
+    ap.add_argument("--groups", type=Path, default=None,
+                    help="groups JSON (a list of Group.to_dict()) instead of analysing here")
+    ap.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                    help="PrunePath and DDP batch (default: the example's)")
+    ap.add_argument("--block-len", dest="block_len", type=int, default=None,
+                    help="PrunePath and DDP block length (default: the example's)")
+    ap.add_argument("--taus", type=floats, default=TAUS, help="comma-separated τ of the sweep")
+    ap.add_argument("--save", type=Path, default=None, help="save the PrunePath model here")
+    ap.add_argument("--static", type=lambda s: s.split(","), default=list(STATIC),
+                    help="comma-separated static baselines: wanda, ddp")
+    ap.add_argument("--static-taus", type=floats, default=None,
+                    help="only these τ points get static twins (default: every τ of the sweep)")
+    ap.add_argument("--ddp-steps", type=int, default=300)
+    ap.add_argument("--ddp-lr", type=float, default=0.05)
+    ap.add_argument("--ddp-workers", type=int, default=None,
+                    help="processes training DDP points at once (default: one per point on "
+                         "CUDA, 1 on the CPU)")
     ap.add_argument("--ppl-blocks", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--calib-blocks", type=int, default=32)
-    ap.add_argument("--static-taus", type=float, nargs="*", default=None,
-                    help="only these τ points get a static twin (default: every τ of the sweep)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prunepath.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/img/prunepath.png"))
     ap.add_argument("--markdown", type=Path, default=None,
-                    help="write this benchmark's section into this file (docs/benchmarks.md)")
+                    help="replace this benchmark's section of this file (docs/benchmarks.md)")
     args = ap.parse_args()
+    unknown = set(args.static) - set(STATIC)
+    if unknown:
+        ap.error(f"--static: unknown baseline(s) {sorted(unknown)}; choose from {list(STATIC)}")
+    if args.from_run is not None and (args.warmup_steps is not None or args.steps is not None
+                                      or args.save is not None):
+        ap.error("--warmup-steps, --steps and --save apply to --train only")
+    return args
 
-    start = time.perf_counter()
-    pp = prunepath_points(args.from_run, args.ppl_blocks)
-    fractions = [r["active_fraction"] for r in pp["sweep"]
-                 if args.static_taus is None or r["tau"] in args.static_taus]
-    static = static_points(fractions, args.ppl_blocks, args.seq_len, args.calib_blocks)
-    ppls = [r["ppl"] for r in pp["sweep"]]
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def ddp_config(args, prunepath_params: dict, fractions: list[float]) -> dict:
+    """The static DDP settings: PrunePath's batch shape unless given, one worker process per
+    point on CUDA unless given."""
+    batch = args.batch_size or prunepath_params["batch_size"]
+    block = args.block_len or prunepath_params["block_len"]
+    on_cuda = args.device.startswith("cuda")
+    workers = args.ddp_workers or (len(fractions) if on_cuda else 1)
+    return {"steps": args.ddp_steps, "batch_size": batch, "block_len": block,
+            "train_tokens": args.ddp_steps * batch * block, "lr": args.ddp_lr,
+            "seed": args.seed, "device": args.device, "workers": workers,
+            "gpus": len(spread(args.device)) if on_cuda else 0,
+            "seq_len": args.seq_len, "ppl_blocks": args.ppl_blocks}
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("prunegraph").setLevel(logging.INFO)  # pass progress, flushed per line
+    device = torch.device(args.device)
+    base, tok = load(MODEL)
+    groups = load_groups(args.groups, base)
+    pp = train_prunepath(args, groups, device) if args.train else from_run(args.from_run)
+    for r in pp["sweep"]:
+        say(f"PrunePath tau={r['tau']}: ppl {r['ppl']:.3f}, active {r['active_fraction']:.3f}")
+    fractions = [r["active_fraction"] for r in pp["sweep"] if r["active_fraction"] < 1
+                 and (args.static_taus is None or r["tau"] in args.static_taus)]
+    blocks = held_out(tok, args.seq_len, args.ppl_blocks)
     result = {
-        "model": "smollm2-135m", "experts": 48, "group_size": 32,
-        "ppl_tokens": args.ppl_blocks * args.seq_len, "seq_len": args.seq_len,
-        "calib_blocks": args.calib_blocks,
-        "prunepath": pp, "static": static,
-        "ppl_falls_as_tau_rises": all(a >= b for a, b in zip(ppls, ppls[1:])),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "seconds": round(time.perf_counter() - start, 1),
+        "model": MODEL, "device": device_name(device), "device_type": device.type,
+        "torch": torch.__version__, "ppl_tokens": int(blocks.numel()), "seq_len": args.seq_len,
+        "calib_blocks": args.calib_blocks, "prunepath": pp,
+        "static": {"wanda": [], "ddp": []}, "ddp": ddp_config(args, pp["params"], fractions),
+        "ppl_falls_as_tau_rises": all(a["ppl"] >= b["ppl"]
+                                      for a, b in zip(pp["sweep"], pp["sweep"][1:])),
+        "command": "python " + " ".join(sys.argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.rename(args.out)
-    plot(result, args.plot)
+
+    def write(key: str | None = None, rows: list | None = None) -> None:
+        if key is not None:
+            result["static"][key] = list(rows)
+        result["seconds"] = round(time.perf_counter() - START, 1)
+        write_text(args.out, json.dumps(result, indent=2) + "\n")
+
+    write()
+    if "wanda" in args.static:
+        wanda_points(copy.deepcopy(base).to(device), tok, groups, fractions, blocks,
+                     args.calib_blocks, lambda rows: write("wanda", rows))
+    if "ddp" in args.static:
+        ddp_points(fractions, groups, result["ddp"], lambda rows: write("ddp", rows))
+    write()
     if args.markdown is not None:
-        append_section(args.markdown, markdown(result, "python " + " ".join(sys.argv)))
-    print(json.dumps({k: result[k] for k in ("static", "ppl_falls_as_tau_rises")}, indent=1))
-    print("sweep", json.dumps(pp["sweep"]))
+        replace_section(args.markdown, markdown(result))
+    plot(result, args.plot)
+    say(f"done; wrote {args.out}")
 
 
 if __name__ == "__main__":
