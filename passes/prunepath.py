@@ -9,18 +9,27 @@ and a τ sweep from one checkpoint (methods.md §3).
 2. ``steps`` at ``train_tau`` (sparse routing).
 
 The loss is next-token cross-entropy on the calibration split plus ``entropy`` × the mean
-router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and FFN
-(all model) weights are trained with AdamW in two parameter groups: ``router_lr`` /
-``router_decay`` (1e-3 / 1e-2) and ``lr`` / 0 (1e-4), the released values. ``train_scope:
-router`` freezes the model weights (only the routers learn).
+router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and
+model weights (all of them, the FFNs included) are trained with AdamW in two parameter groups:
+``router_lr`` / ``router_decay`` (1e-3 / 1e-2) and ``lr`` / 0 (1e-4), the released values.
+``train_scope: router`` freezes the model weights (only the routers learn).
 
-The training loop is the small one below (:func:`train`), written against the gate-family shape
-a generic ``Train`` pass uses: :class:`PrunePathFamily` gives ``param_groups()``, ``penalty()``
-and ``post_step()``. With ``steps = warmup_steps = 0`` the pass only installs the routers.
+Both stages are one run of the generic training loop (:meth:`prunegraph.passes.train.Train.fit`)
+with :class:`PrunePathObjective`, which switches τ at step ``warmup_steps``. So PrunePath gets
+that loop's seeded calibration stream, ``grad_accum``, learning-rate schedule (``lr_warmup``
+linear steps, then ``lr_schedule``: a cosine to 0 over both stages, or ``constant``), bf16
+autocast on CUDA, ``<run>/prunepath/metrics.jsonl`` and exact resume from
+``<run>/prunepath/checkpoint.pt`` (or ``checkpoint_dir``; ``checkpoint_every``, ``resume``,
+``halt_after`` as in Train). The checkpoint holds every trained tensor (routers and, with
+``train_scope: all``, the model weights) and their AdamW moments: about three times the model's
+size. There is no distillation: the model being fine-tuned is no fixed teacher, and the
+reference code has none. With ``steps = warmup_steps = 0`` the pass only installs the routers.
 
-After the pass, ``state.model`` is still the user's module: ``prunegraph.prunepath.set_tau(model,
-0.7)`` changes τ at any time, ``Save`` writes it and ``prunegraph.from_pretrained`` rebuilds it
-with its routers.
+``state.metrics["prunepath"]["stages"]`` summarises each stage (first, last and mean
+cross-entropy, last router entropy, mean fraction of FFN channels touched per token).
+After the pass, ``state.model`` is still the user's module, with its ``requires_grad`` flags:
+``prunegraph.prunepath.set_tau(model, 0.7)`` changes τ at any time, ``Save`` writes it and
+``prunegraph.from_pretrained`` rebuilds it with its routers.
 """
 
 from __future__ import annotations
@@ -28,111 +37,111 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunegraph import prunepath as pp
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, progress_bar, register_pass
+from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.passes.train import Train
 from prunegraph.prunepath import active_fraction, reset_stats, set_tau
 
-__all__ = ["PrunePath", "TauSweep", "PrunePathFamily", "train", "set_tau", "active_fraction",
-           "sweep"]
+__all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "set_tau", "active_fraction", "sweep"]
+
+STAGES = ("warmup", "sparse")
 
 
-class PrunePathFamily:
-    """Gate-family view of PrunePath for a training loop: two parameter groups and the
-    routing regularisers."""
+class PrunePathObjective:
+    """PrunePath as a Train objective (:class:`prunegraph.passes.train.Objective`): routers
+    and model weights in two AdamW groups, the routing regularisers of each forward as the
+    penalty, and τ set by stage before every forward. ``spec`` is the :class:`PrunePath` pass
+    whose settings it trains with."""
 
-    def __init__(self, model: nn.Module, *, lr: float, router_lr: float, router_decay: float,
-                 entropy: float, load_balance: float, train_scope: str = "all") -> None:
-        self.model = model
-        self.routers = pp.routers(model)
-        self.entropy, self.load_balance = entropy, load_balance
-        router_ids = {id(r.weight) for r in self.routers}
-        self.base = [p for p in model.parameters() if id(p) not in router_ids]
-        self._flags = [(p, p.requires_grad) for p in self.base]
-        for p in self.base:
-            p.requires_grad_(train_scope == "all")
-        self.lr, self.router_lr, self.router_decay = lr, router_lr, router_decay
+    name = "prunepath"
+    teacher = None
+    shown = ("tau", "active_fraction")
+
+    def __init__(self, model: nn.Module, spec: PrunePath) -> None:
+        self.model, self.spec = model, spec
+        self.router_weights = [r.weight for r in pp.routers(model)]
+        names = pp.router_param_names(model)
+        self.params = {n: p for n, p in model.named_parameters()
+                       if spec.train_scope == "all" or n in names}
+        router_ids = {id(w) for w in self.router_weights}
+        self.base = [p for p in self.params.values() if id(p) not in router_ids]
+        reset_stats(model)
+
+    def stage(self, step: int) -> tuple[str, float]:
+        """The stage of ``step`` and its τ."""
+        if step < self.spec.warmup_steps:
+            return STAGES[0], self.spec.warmup_tau
+        return STAGES[1], self.spec.train_tau
+
+    def config(self) -> dict[str, Any]:
+        keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "lr", "router_lr",
+                "router_decay", "entropy", "load_balance", "train_scope", "lr_schedule")
+        return {"objective": self.name, "routers": sorted(pp.router_param_names(self.model)),
+                **{k: getattr(self.spec, k) for k in keys}}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        groups = [{"params": [r.weight for r in self.routers], "lr": self.router_lr,
-                   "weight_decay": self.router_decay, "name": "router"}]
-        base = [p for p in self.base if p.requires_grad]
-        if base:
-            groups.append({"params": base, "lr": self.lr, "weight_decay": 0.0, "name": "ffn"})
+        s = self.spec
+        groups = [{"params": self.router_weights, "lr": s.router_lr,
+                   "weight_decay": s.router_decay, "name": "router", "schedule": s.lr_schedule}]
+        if self.base:
+            groups.append({"params": self.base, "lr": s.lr, "weight_decay": 0.0,
+                           "name": "model", "schedule": s.lr_schedule})
         return groups
 
-    def penalty(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def before_forward(self, step: int, total: int) -> None:
+        set_tau(self.model, self.stage(step)[1])
+
+    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         h, b = pp.regularisers(self.model)
-        return self.entropy * h + self.load_balance * b, {"entropy": float(h.detach()),
-                                                          "balance": float(b.detach())}
+        return (self.spec.entropy * h + self.spec.load_balance * b,
+                {"entropy": float(h.detach()), "balance": float(b.detach())})
 
-    def post_step(self) -> None:
-        """Nothing to project or anneal: the selection is recomputed every forward."""
+    def post_step(self, step: int, total: int) -> dict[str, Any]:
+        """The step's stage, τ and fraction of FFN channels touched (statistics restart)."""
+        label, tau = self.stage(step)
+        frac = active_fraction(self.model)
+        reset_stats(self.model)
+        return {"stage": label, "tau": tau, "active_fraction": frac}
 
-    def restore(self) -> None:
-        """Give the model weights back their ``requires_grad`` flags."""
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": {n: p.detach() for n, p in self.params.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, value in state["params"].items():
+            self.params[n].copy_(value)
+
+    def finish(self, state: State, history: list[dict[str, Any]],
+               plots: Path | None) -> dict[str, Any]:
+        """Per-stage summaries (``stages``) from the step records."""
+        stages = [_summary(label, rows) for label in STAGES
+                  if (rows := [h for h in history if h["stage"] == label])]
+        for s in stages:
+            state.log.info("PrunePath %s: %s", s["stage"], s)
+        return {"stages": stages}
 
 
-def train(model: nn.Module, family: PrunePathFamily, blocks: torch.Tensor,
-          stages: list[tuple[str, int, float]], batch_size: int, state: State | None = None
-          ) -> list[dict[str, Any]]:
-    """Run ``stages`` of ``(label, steps, tau)``, cycling through ``blocks``; one AdamW over
-    the whole run. Returns a per-stage summary (mean loss, entropy, active fraction)."""
-    opt = torch.optim.AdamW(family.param_groups())
-    was_training = model.training
-    model.train()
-    out, cursor = [], 0
-    try:
-        for label, steps, tau in stages:
-            if steps <= 0:
-                continue
-            set_tau(model, tau)
-            reset_stats(model)
-            losses, ents = [], []
-            it = progress_bar(state, range(steps), desc=f"PrunePath {label}") if state else \
-                range(steps)
-            for _ in it:
-                idx = torch.arange(cursor, cursor + batch_size) % blocks.shape[0]
-                cursor += batch_size
-                batch = blocks[idx].to(next(model.parameters()).device)
-                logits = model(input_ids=batch).logits[:, :-1].float()
-                task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                       batch[:, 1:].reshape(-1))
-                reg, parts = family.penalty()
-                loss = task + reg
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                family.post_step()
-                losses.append(float(task.detach()))
-                ents.append(parts["entropy"])
-            summary = {"stage": label, "steps": steps, "tau": tau,
-                       "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-                       "loss_mean": round(sum(losses) / len(losses), 4),
-                       "entropy_last": round(ents[-1], 4),
-                       "active_fraction": round(active_fraction(model), 4)}
-            out.append(summary)
-            if state is not None:
-                state.log.info("PrunePath %s: %s", label, summary)
-    finally:
-        model.train(was_training)
-        family.restore()
-    return out
+def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ce = [r["ce"] for r in rows]
+    return {"stage": label, "steps": len(rows), "tau": rows[0]["tau"],
+            "loss_first": round(ce[0], 4), "loss_last": round(ce[-1], 4),
+            "loss_mean": round(sum(ce) / len(ce), 4),
+            "entropy_last": round(rows[-1]["entropy"], 4),
+            "active_fraction": round(sum(r["active_fraction"] for r in rows) / len(rows), 4)}
 
 
 @register_pass
 @dataclass(frozen=True)
 class PrunePath(Pass):
     """Install PrunePath routers on the MoEfied MLPs and train them (dense warm-up, then sparse
-    at ``train_tau``); ``tau`` is the τ left set afterwards."""
+    at ``train_tau``) through the Train loop; ``tau`` is the τ left set afterwards."""
 
     name = "PrunePath"
     requires = ("model", "moe_layout")
@@ -152,8 +161,15 @@ class PrunePath(Pass):
     train_scope: Literal["all", "router"] = "all"
     batch_size: int = 4
     block_len: int = 128
+    grad_accum: int = 1
+    lr_warmup: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     source: str = "wikipedia"
     seed: int = 0
+    checkpoint_every: int = 50
+    resume: bool = True
+    halt_after: int | None = None
+    checkpoint_dir: str | None = None
 
     def validate(self) -> None:
         for key in ("tau", "warmup_tau", "train_tau"):
@@ -161,50 +177,53 @@ class PrunePath(Pass):
                 pp.check_tau(getattr(self, key))
             except SpecError as e:
                 raise SpecError(f"PrunePath.{key}: {e}") from None
-        for key, low in (("warmup_steps", 0), ("steps", 0), ("batch_size", 1), ("block_len", 2)):
+        for key, low in (("warmup_steps", 0), ("steps", 0), ("batch_size", 1), ("block_len", 2),
+                         ("grad_accum", 1), ("lr_warmup", 0), ("checkpoint_every", 1)):
             if getattr(self, key) < low:
                 raise SpecError(f"PrunePath.{key} must be >= {low}, got {getattr(self, key)}")
         for key in ("lr", "router_lr", "router_decay", "entropy", "load_balance"):
             if getattr(self, key) < 0:
                 raise SpecError(f"PrunePath.{key} must be >= 0, got {getattr(self, key)}")
+        if self.halt_after is not None and self.halt_after < 1:
+            raise SpecError(f"PrunePath.halt_after must be >= 1 or null, got {self.halt_after}")
 
     def run(self, state: State) -> PassResult:
         model = state.model
         total_steps = self.warmup_steps + self.steps
-        blocks = None
-        if total_steps:
-            if state.get("tokenizer") is None:
-                raise SpecError("PrunePath training needs a tokenizer for its text; load a model "
-                                "with one, or set warmup_steps=0 and steps=0")
-            from prunegraph.passes.prune import calibration_blocks
-            from prunegraph.text import load_documents, split_documents
-
-            calib, _ = split_documents(load_documents(self.source))
-            n_avail = sum(len(d.text) for d in calib) // (4 * self.block_len)  # rough tokens
-            n_blocks = max(1, min(total_steps * self.batch_size, n_avail))
-            blocks = calibration_blocks(state.tokenizer, self.source, self.block_len, n_blocks)
+        if total_steps and state.get("tokenizer") is None:
+            raise SpecError("PrunePath training needs a tokenizer for its text; load a model "
+                            "with one, or set warmup_steps=0 and steps=0")
         pp.install(model, state.moe_layout, tau=self.warmup_tau, mode=self.mode)
-        torch.manual_seed(self.seed)
         start = time.perf_counter()
-        summary: list[dict[str, Any]] = []
-        if total_steps:
-            family = PrunePathFamily(model, lr=self.lr, router_lr=self.router_lr,
-                                     router_decay=self.router_decay, entropy=self.entropy,
-                                     load_balance=self.load_balance,
-                                     train_scope=self.train_scope)
-            summary = train(model, family, blocks,
-                            [("warmup", self.warmup_steps, self.warmup_tau),
-                             ("sparse", self.steps, self.train_tau)], self.batch_size, state)
+        trained = self._train(state) if total_steps else {}
         set_tau(model, self.tau)
         reset_stats(model)
         model.eval()
         state.prunepath = pp.spec(model)
         record = {"experts": pp.routers(model)[0].experts, "mode": self.mode, "tau": self.tau,
-                  "train_tokens": total_steps * self.batch_size * self.block_len,
-                  "stages": summary, "seconds": round(time.perf_counter() - start, 1)}
+                  "train_tokens": trained.get("tokens", 0),
+                  "resumed_at": trained.get("resumed_at", 0),
+                  "stages": trained.get("stages", []),
+                  "seconds": round(time.perf_counter() - start, 1)}
         state.metrics["prunepath"] = record
         return PassResult(state, modified=True,
                           stats={k: v for k, v in record.items() if k != "stages"})
+
+    def _train(self, state: State) -> dict[str, Any]:
+        """Both stages as one Train run; the model's ``requires_grad`` flags are given back
+        (Train freezes what it does not train)."""
+        trainer = Train(steps=self.warmup_steps + self.steps, batch_size=self.batch_size,
+                        block_len=self.block_len, grad_accum=self.grad_accum,
+                        warmup=self.lr_warmup, kd_weight=0.0, seed=self.seed, source=self.source,
+                        checkpoint_every=self.checkpoint_every, resume=self.resume,
+                        halt_after=self.halt_after, plots=False,
+                        checkpoint_dir=self.checkpoint_dir)
+        flags = [(p, p.requires_grad) for p in state.model.parameters()]
+        try:
+            return trainer.fit(state, PrunePathObjective(state.model, self), subdir="prunepath")
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def sweep(model: nn.Module, blocks: torch.Tensor, taus: list[float], batch_size: int = 4,

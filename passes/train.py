@@ -1,27 +1,34 @@
-"""The ``Train`` pass: mask-only training of any gate family, with exact resume.
+"""The ``Train`` pass and its loop: any training objective, with exact resume.
 
-Weights are frozen (``requires_grad=False``; the optimizer holds only the family's gates and
-dual variables). Each step draws ``batch_size * grad_accum`` blocks of ``block_len`` tokens from
-the *calibration* split of ``source`` (a seeded permutation, so step ``t`` always sees the same
-blocks) and minimises::
+One loop serves every method that trains something: the gate families (DDP, hard-concrete,
+through :class:`GateObjective`) and PrunePath (``PrunePathObjective`` in
+:mod:`prunegraph.passes.prunepath`, whose pass calls :meth:`Train.fit`). What a method must
+provide is the :class:`Objective` protocol below; the loop knows nothing else about it.
 
-    CE(student) + kd_weight * KL(teacher || student) + family.penalty(step)
+Only the model parameters an objective lists in its optimizer groups train; every other model
+parameter is frozen (``requires_grad=False``), so mask training leaves the weights alone. The
+model runs in eval mode (no dropout). Each step draws ``batch_size * grad_accum`` blocks of
+``block_len`` tokens from the *calibration* split of ``source`` (a seeded permutation, so step
+``t`` always sees the same blocks) and minimises, per micro-batch::
 
-The teacher is the same model with every gate at 1 (one extra forward under ``no_grad``, no extra
-weights). The learning rate warms up linearly for ``warmup`` steps, then follows a cosine to 0
-(or stays, for an optimizer group the family marks ``schedule: constant``: the DDP
-multipliers). On CUDA the forwards run under bf16 autocast.
+    CE(student) + kd_weight * KL(teacher || student) + objective.penalty(step)
 
-With a run folder, ``<run>/train/`` holds ``metrics.jsonl`` (one line per step: loss, CE, KL,
-penalty, expected and achieved sparsity, multipliers, lr), ``checkpoint.pt`` (gates, duals,
-optimizer, scheduler, RNG states, step; written every ``checkpoint_every`` steps to a temporary
-name and renamed) and the plots (:mod:`prunegraph.passes._train_plots`). A re-run with
-``resume=True`` continues from the checkpoint and gives the same result as an uninterrupted run.
-``prunegraph run`` replaces its run folder when it starts, so to resume a pipeline re-run put the
-checkpoint outside it with ``checkpoint_dir`` (a path; relative paths are taken from the current
-directory).
-``halt_after=N`` stops after ``N`` steps of this run with a checkpoint (raises
-:class:`TrainingHalted`), to split a long run into jobs.
+The teacher exists only where the objective has one (the gate families: the same model with
+every gate at 1, one extra forward under ``no_grad``, no extra weights); ``kd_weight > 0`` with
+an objective that has none is a SpecError. The learning rate warms up linearly for ``warmup``
+steps, then follows a cosine to 0 (or stays, for an optimizer group marked ``schedule:
+constant``: the DDP multipliers). On CUDA the forwards run under bf16 autocast.
+
+With a run folder, ``<run>/train/`` (the ``subdir`` of :meth:`Train.fit`) holds
+``metrics.jsonl`` (one line per step: loss, CE, KL, the objective's penalty stats and step
+values, lr of its first optimizer group), ``checkpoint.pt`` (the objective's state, optimizer,
+scheduler, RNG states, step; written every ``checkpoint_every`` steps to a temporary name and
+renamed) and, for gate families, the plots (:mod:`prunegraph.passes._train_plots`). A re-run
+with ``resume=True`` continues from the checkpoint and gives the same result as an
+uninterrupted run. ``prunegraph run`` replaces its run folder when it starts, so to resume a
+pipeline re-run put the checkpoint outside it with ``checkpoint_dir`` (a path; relative paths
+are taken from the current directory). ``halt_after=N`` stops after ``N`` steps of this run
+with a checkpoint (raises :class:`TrainingHalted`), to split a long run into jobs.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +50,121 @@ import torch.nn.functional as F
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.pass_infra import Pass, PassResult, State, progress_bar, register_pass
 
-__all__ = ["Train", "TrainingHalted", "lr_factor", "kd_loss"]
+__all__ = ["Train", "TrainingHalted", "Objective", "GateObjective", "lr_factor", "kd_loss"]
 
 
 class TrainingHalted(PrunegraphError):
     """Training stopped early on request (``halt_after``); the checkpoint lets it resume."""
+
+
+class Objective(Protocol):
+    """What :meth:`Train.fit` trains. For step ``t`` of ``total`` the loop runs, per
+    micro-batch: the teacher forward under ``teacher()`` (only with ``kd_weight > 0``),
+    ``before_forward(t, total)``, the student forward, ``penalty(t, total)`` (after the forward,
+    so it may read that forward's activations) and the backward; then the optimizer step and
+    ``post_step(t, total)``."""
+
+    name: str
+    #: A context in which the model is its own teacher, or None (no distillation possible).
+    teacher: Callable[[], AbstractContextManager] | None
+    #: Keys of a step's record shown on the progress bar.
+    shown: tuple[str, ...]
+
+    def config(self) -> dict[str, Any]:
+        """Settings a checkpoint must have been made with to be resumed."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups (``params``, ``lr``, ``name``, optional ``schedule``: ``cosine`` or
+        ``constant``); the first group's lr is logged. Model parameters listed here train,
+        every other model parameter is frozen."""
+
+    def before_forward(self, step: int, total: int) -> None:
+        """Set up the student forward of ``step`` (gate values, τ)."""
+
+    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective's loss term for the micro-batch just run, and stats for the record."""
+
+    def post_step(self, step: int, total: int) -> dict[str, Any]:
+        """After the optimizer step (projections); values for the step's record."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the optimizer that an exact resume needs (trained tensors, RNG)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into the live tensors (the optimizer holds them)."""
+
+    def finish(self, state: State, history: list[dict[str, Any]],
+               plots: Path | None) -> dict[str, Any]:
+        """Put the result into ``state`` (plots into ``plots`` if given); the pass stats."""
+
+
+class GateObjective:
+    """A gate family (:class:`~prunegraph.passes.gates.GateFamily`) as a Train objective: its
+    gates and dual variables train, its Lagrangian budget terms are the penalty, and the
+    teacher is the model with every gate at 1. Only the family's public methods are called."""
+
+    def __init__(self, family, gates) -> None:
+        self.family, self.gates = family, gates
+        self.name = family.name
+        self.ones = {n: torch.ones_like(v) for n, v in family.final_values().items()}
+        self.shown = ("achieved_sparsity", f"l1_{family.constraints[0].name}")
+
+    def config(self) -> dict[str, Any]:
+        fam = self.family
+        return {"family": fam.name, "sparsity": fam.sparsity, "budget": fam.budget,
+                "scope": fam.scope, "groups": [g.name for g in fam.groups]}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.family.param_groups()
+
+    @contextmanager
+    def teacher(self) -> Iterator[None]:
+        """Every gate at 1: the dense model (the student's values are set again after)."""
+        self.gates.values.update(self.ones)
+        yield
+
+    def before_forward(self, step: int, total: int) -> None:
+        self.gates.values.update(self.family.forward_values(step, total))
+
+    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.family.penalty(step, total)
+
+    def post_step(self, step: int, total: int) -> dict[str, Any]:
+        self.family.post_step()
+        return {"achieved_sparsity": self.family.achieved_sparsity(),
+                **self.family.schedule(step, total)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"family": self.family.state_dict(), "extra": self.family.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.family.load_state_dict(state["family"])
+        self.family.load_extra_state(state["extra"])
+
+    def finish(self, state: State, history: list[dict[str, Any]],
+               plots: Path | None) -> dict[str, Any]:
+        """Install the final gate values (``state.trained_gates``) and report the budget."""
+        fam = self.family
+        fam.eval()
+        final = fam.final_values()
+        self.gates.values.update({n: v.detach() for n, v in final.items()})
+        state.trained_gates = final
+        target = fam.target_sparsity()
+        reached = next((h["step"] for h in history
+                        if h["achieved_sparsity"] >= target - 5e-3), None)
+        last = history[-1] if history else {}
+        stats = {"family": fam.name, "target_sparsity": round(target, 6),
+                 "achieved_sparsity": round(fam.achieved_sparsity(), 6),
+                 "expected_sparsity": round(last.get("expected_sparsity", float("nan")), 6),
+                 "steps_to_target": reached}
+        if plots is not None:
+            from prunegraph.passes._train_plots import write_plots
+
+            write_plots(plots, history, fam, final)
+        state.log.info("Train: %s achieved sparsity %.3f (target %.3f), %s", fam.name,
+                       stats["achieved_sparsity"], target,
+                       f"target reached at step {reached}" if reached else "target not reached")
+        return stats
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
@@ -101,10 +219,18 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _train_only(model: torch.nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Freeze every model parameter the optimizer groups do not list; the listed ones train."""
+    listed = {id(p) for g in groups for p in g["params"]}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in listed)
+
+
 @register_pass
 @dataclass(frozen=True)
 class Train(Pass):
-    """Train the gates of ``state.gate_family`` for ``steps`` optimizer steps (see module doc)."""
+    """Train the gates of ``state.gate_family`` for ``steps`` optimizer steps (see module doc);
+    :meth:`fit` runs the same loop for any :class:`Objective`."""
 
     name = "Train"
     requires = ("model", "tokenizer", "gates", "gate_family")
@@ -134,7 +260,125 @@ class Train(Pass):
         if self.halt_after is not None and self.halt_after < 1:
             raise SpecError(f"pass Train: halt_after must be >= 1 or null, got {self.halt_after}")
 
-    # -- data --------------------------------------------------------------------------------
+    def run(self, state: State) -> PassResult:
+        device = next(state.model.parameters()).device
+        objective = GateObjective(state.gate_family.to(device).train(), state.gates)
+        stats = self.fit(state, objective)
+        state.metrics.setdefault("train", {}).update(stats)
+        return PassResult(state, modified=True, stats=stats)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, state: State, objective: Objective, subdir: str = "train") -> dict[str, Any]:
+        """Train ``objective`` on ``state.model`` for ``steps`` steps, resuming from a matching
+        checkpoint in ``<run>/<subdir>/`` (or ``checkpoint_dir``); returns the stats."""
+        if self.kd_weight > 0 and objective.teacher is None:
+            raise SpecError(f"pass Train: the {objective.name} objective has no teacher to "
+                            f"distill from; set kd_weight=0 (got {self.kd_weight})")
+        folder = Path(state.run_dir) / subdir if state.run_dir is not None else None
+        ckpt = self._checkpoint_path(folder)
+        if self.halt_after is not None and ckpt is None:
+            raise SpecError("pass Train: halt_after needs a run folder or checkpoint_dir to "
+                            "keep the checkpoint it resumes from")
+        model = state.model
+        blocks = self._blocks(state.tokenizer)
+        order = _order(len(blocks), self.steps * self.batch_size * self.grad_accum, self.seed)
+        optimizer, scheduler = self._optimizer(model, objective)
+        torch.manual_seed(self.seed)
+        config = {**objective.config(), **{k: getattr(self, k) for k in (
+            "steps", "batch_size", "block_len", "grad_accum", "warmup", "kd_weight", "seed",
+            "source")}}
+        start, history = 0, []
+        if ckpt is not None and self.resume and ckpt.exists():
+            start, history = self._load(ckpt, config, objective, optimizer, scheduler)
+            state.log.info("Train: resuming %s at step %d from %s", objective.name, start, ckpt)
+        model.eval()
+        t0 = time.perf_counter()
+        bar = progress_bar(state, range(start, self.steps), total=self.steps, initial=start,
+                           desc=f"Train {objective.name}")
+        try:
+            for step in bar:
+                history.append(self._step(model, objective, blocks, order, step,
+                                          optimizer, scheduler))
+                bar.set_postfix({k: f"{history[-1][k]:.3f}" for k in ("loss", *objective.shown)})
+                done = step + 1
+                stop = (self.halt_after is not None and done - start >= self.halt_after
+                        and done < self.steps)
+                if ckpt is not None and (done % self.checkpoint_every == 0 or stop
+                                         or done == self.steps):
+                    self._save(ckpt, config, done, objective, optimizer, scheduler, history)
+                if folder is not None and done % 10 == 0:
+                    self._write_metrics(folder, history)  # live view for long runs
+                if stop:
+                    raise TrainingHalted(
+                        f"Train stopped after step {done} of {self.steps} as asked (halt_after="
+                        f"{self.halt_after}); run it again to resume from {ckpt}")
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+            if folder is not None and history:
+                self._write_metrics(folder, history)
+        plots = folder if folder is not None and self.plots else None
+        last = history[-1] if history else {}
+        return {"steps": self.steps, "resumed_at": start,
+                "tokens": self.steps * self.batch_size * self.grad_accum * self.block_len,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "final_ce": last.get("ce"), "final_kl": last.get("kl"),
+                **objective.finish(state, history, plots)}
+
+    def _optimizer(self, model, objective: Objective):
+        """AdamW over the objective's groups (only their model parameters left trainable) and
+        the per-group warm-up + cosine/constant schedule."""
+        groups = objective.param_groups()
+        _train_only(model, groups)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        warmup = min(self.warmup, self.steps - 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [functools.partial(lr_factor, total=self.steps, warmup=warmup,
+                                          schedule=g.get("schedule", "cosine"))
+                        for g in optimizer.param_groups])
+        return optimizer, scheduler
+
+    def _step(self, model, objective: Objective, blocks, order, step: int, optimizer,
+              scheduler) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its record."""
+        device = next(model.parameters()).device
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"ce": 0.0, "kl": 0.0, "loss": 0.0}
+        for micro in range(self.grad_accum):
+            lo = (step * self.grad_accum + micro) * self.batch_size
+            ids = blocks[order[lo:lo + self.batch_size]].to(device)
+            parts, stats = self._micro(model, objective, ids, step)
+            for key, value in parts.items():
+                sums[key] += value / self.grad_accum
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        return {"step": step + 1, **sums, **stats, **objective.post_step(step, self.steps),
+                "lr": lr}
+
+    def _micro(self, model, objective: Objective, ids: torch.Tensor, step: int
+               ) -> tuple[dict[str, float], dict[str, float]]:
+        """Forward(s) and backward of one micro-batch; its loss parts and penalty stats."""
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ids.device.type == "cuda"
+                    else nullcontext())
+        teacher = None
+        if self.kd_weight > 0:
+            with objective.teacher(), torch.no_grad(), autocast:
+                teacher = model(ids).logits[:, :-1]
+        objective.before_forward(step, self.steps)
+        with autocast:
+            logits = model(ids).logits[:, :-1]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                             ids[:, 1:].reshape(-1))
+        kl = kd_loss(logits, teacher) if teacher is not None else None
+        penalty, stats = objective.penalty(step, self.steps)
+        loss = ce + penalty if kl is None else ce + self.kd_weight * kl + penalty
+        (loss / self.grad_accum).backward()
+        return ({"ce": float(ce.detach()), "kl": float(kl.detach()) if kl is not None else 0.0,
+                 "loss": float(loss.detach())}, stats)
+
+    # -- data and files ------------------------------------------------------------------------
 
     def _blocks(self, tokenizer) -> torch.Tensor:
         if tokenizer is None:
@@ -142,168 +386,37 @@ class Train(Pass):
                             "that ships one")
         return calibration_stream(tokenizer, self.source, self.block_len)
 
-    def _config(self, family) -> dict[str, Any]:
-        return {"family": family.name, "sparsity": family.sparsity, "budget": family.budget,
-                "scope": family.scope, "groups": [g.name for g in family.groups],
-                **{k: getattr(self, k) for k in ("steps", "batch_size", "block_len",
-                                                  "grad_accum", "warmup", "kd_weight", "seed",
-                                                  "source")}}
-
-    # -- run ---------------------------------------------------------------------------------
-
-    def run(self, state: State) -> PassResult:
-        model, family, gates = state.model, state.gate_family, state.gates
-        device = next(model.parameters()).device
-        for p in model.parameters():
-            p.requires_grad_(False)
-        family.to(device)
-        blocks = self._blocks(state.tokenizer)
-        per_step = self.batch_size * self.grad_accum
-        order = _order(len(blocks), self.steps * per_step, self.seed)
-
-        optimizer = torch.optim.AdamW(family.param_groups(), betas=(0.9, 0.999), eps=1e-8)
-        warmup = min(self.warmup, self.steps - 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [functools.partial(lr_factor, total=self.steps, warmup=warmup,
-                                          schedule=g.get("schedule", "cosine"))
-                        for g in optimizer.param_groups])
-        torch.manual_seed(self.seed)
-
-        folder = Path(state.run_dir) / "train" if state.run_dir is not None else None
+    def _checkpoint_path(self, folder: Path | None) -> Path | None:
+        """Where the checkpoint lives (folders created); None without a run folder."""
         ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir else folder
-        ckpt = ckpt_dir / "checkpoint.pt" if ckpt_dir is not None else None
-        config = self._config(family)
-        history: list[dict[str, Any]] = []
-        start = 0
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume and ckpt.exists():
-                start, history = self._load(ckpt, config, family, optimizer, scheduler)
-                state.log.info("Train: resuming at step %d from %s", start, ckpt)
-        ones = {n: torch.ones_like(v) for n, v in family.final_values().items()}
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else nullcontext())
-        model.eval()
-        family.train()
-        target = family.target_sparsity()
-        reached = next((h["step"] for h in history if h["achieved_sparsity"] >= target - 5e-3),
-                       None)
-        t0 = time.perf_counter()
-        bar = progress_bar(state, range(start, self.steps), total=self.steps, initial=start,
-                           desc=f"Train {family.name}")
-        halted = False
-        try:
-            for step in bar:
-                optimizer.zero_grad(set_to_none=True)
-                ce_sum = kl_sum = 0.0
-                for micro in range(self.grad_accum):
-                    lo = (step * self.grad_accum + micro) * self.batch_size
-                    ids = blocks[order[lo:lo + self.batch_size]].to(device)
-                    teacher = None
-                    if self.kd_weight > 0:
-                        gates.values.update(ones)
-                        with torch.no_grad(), autocast:
-                            teacher = model(ids).logits[:, :-1]
-                    gates.values.update(family.forward_values(step, self.steps))
-                    with autocast:
-                        logits = model(ids).logits[:, :-1]
-                    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                         ids[:, 1:].reshape(-1))
-                    loss = ce
-                    if teacher is not None:
-                        kl = kd_loss(logits, teacher)
-                        loss = loss + self.kd_weight * kl
-                        kl_sum += float(kl.detach())
-                    (loss / self.grad_accum).backward()
-                    ce_sum += float(ce.detach())
-                penalty, pstats = family.penalty(step, self.steps)
-                penalty.backward()
-                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                optimizer.step()
-                scheduler.step()
-                family.post_step()
-                record = {"step": step + 1, "ce": ce_sum / self.grad_accum,
-                          "kl": kl_sum / self.grad_accum,
-                          "loss": (ce_sum + self.kd_weight * kl_sum) / self.grad_accum
-                          + pstats["penalty"],
-                          "achieved_sparsity": family.achieved_sparsity(),
-                          **pstats, **family.schedule(step, self.steps),
-                          "lr": lrs.get("gates", 0.0)}
-                history.append(record)
-                if reached is None and record["achieved_sparsity"] >= target - 5e-3:
-                    reached = step + 1
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                sparsity=f"{record['achieved_sparsity']:.3f}",
-                                lam=f"{next(v for k, v in pstats.items() if k.startswith('l1_')):.2f}")
-                done = step + 1
-                stop = self.halt_after is not None and done - start >= self.halt_after \
-                    and done < self.steps
-                if ckpt is not None and (done % self.checkpoint_every == 0 or stop
-                                         or done == self.steps):
-                    self._save(ckpt, config, done, family, optimizer, scheduler, history)
-                if folder is not None and done % 10 == 0:
-                    self._write_metrics(folder, history)  # live view for long runs
-                if stop:
-                    halted = True
-                    break
-        finally:
-            if hasattr(bar, "close"):
-                bar.close()
-            if folder is not None and history:
-                self._write_metrics(folder, history)
-        if halted:
-            raise TrainingHalted(f"Train stopped after step {history[-1]['step']} of "
-                                 f"{self.steps} as asked (halt_after={self.halt_after}); run the "
-                                 f"pipeline again with the same run folder to resume")
-        family.eval()
-        final = family.final_values()
-        gates.values.update({n: v.detach() for n, v in final.items()})
-        state.trained_gates = final
-        seconds = time.perf_counter() - t0
-        last = history[-1] if history else {}
-        stats = {"family": family.name, "steps": self.steps, "resumed_at": start,
-                 "tokens": self.steps * per_step * self.block_len,
-                 "seconds": round(seconds, 1), "target_sparsity": round(target, 6),
-                 "achieved_sparsity": round(family.achieved_sparsity(), 6),
-                 "expected_sparsity": round(last.get("expected_sparsity", float("nan")), 6),
-                 "steps_to_target": reached,
-                 "final_ce": last.get("ce"), "final_kl": last.get("kl")}
-        state.metrics.setdefault("train", {}).update(stats)
-        if folder is not None and self.plots:
-            from prunegraph.passes._train_plots import write_plots
+        if ckpt_dir is None:
+            return None
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        return ckpt_dir / "checkpoint.pt"
 
-            write_plots(folder, history, family, final)
-        state.log.info("Train: %s %d steps, achieved sparsity %.3f (target %.3f), %s", family.name,
-                       self.steps, stats["achieved_sparsity"], target,
-                       f"target reached at step {reached}" if reached else "target not reached")
-        return PassResult(state, modified=True, stats=stats)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def _save(self, path, config, step, family, optimizer, scheduler, history) -> None:
-        _atomic_save({"config": config, "step": step, "family": family.state_dict(),
-                      "family_extra": family.extra_state(), "optimizer": optimizer.state_dict(),
+    def _save(self, path, config, step, objective, optimizer, scheduler, history) -> None:
+        _atomic_save({"config": config, "step": step, "objective": objective.state_dict(),
+                      "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                       "cuda_rng": (torch.cuda.get_rng_state_all()
                                    if torch.cuda.is_available() else None),
                       "history": history}, path)
 
-    def _load(self, path, config, family, optimizer, scheduler):
+    def _load(self, path, config, objective, optimizer, scheduler):
         try:
             data = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise PrunegraphError(f"training checkpoint {path} is corrupt or truncated ({e}); "
                                   f"delete it to start over, or pass resume=false") from e
-        if data.get("config") != config:
+        if data.get("config") != config or "objective" not in data:
             old = data.get("config") or {}
             diff = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-            raise PrunegraphError(f"training checkpoint {path} was made with other settings "
-                                  f"({', '.join(diff)} differ); use another run folder, delete "
-                                  f"the checkpoint, or pass resume=false")
-        family.load_state_dict(data["family"])
-        family.load_extra_state(data["family_extra"])
+            why = f"other settings ({', '.join(diff)} differ)" if diff else "an older version"
+            raise PrunegraphError(f"training checkpoint {path} was made with {why}; use another "
+                                  f"run folder, delete the checkpoint, or pass resume=false")
+        objective.load_state_dict(data["objective"])
         optimizer.load_state_dict(data["optimizer"])
         scheduler.load_state_dict(data["scheduler"])
         torch.set_rng_state(data["torch_rng"])

@@ -1,8 +1,10 @@
 """PrunePath routing: equal to the Triton module's PyTorch reference, τ semantics, statistics,
-training stages, save → reload, and errors before work."""
+training stages through the Train loop (exact resume included), save → reload, and errors
+before work."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -14,7 +16,8 @@ from prunegraph import prunepath as pp
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.pass_infra import State
 from prunegraph.passes.moefy import MoEfy
-from prunegraph.passes.prunepath import PrunePath, TauSweep, sweep
+from prunegraph.passes.prunepath import PrunePath, PrunePathObjective, TauSweep, sweep
+from prunegraph.passes.train import Train, TrainingHalted
 from prunegraph.targets.triton.prunepath import prunepath_ffn_reference, prunepath_gates
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -157,6 +160,57 @@ def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
                            fresh("llama").model.layers[0].mlp.up_proj.weight)
 
 
+def _moefied(arch: str = "llama") -> State:
+    """A MoEfied tiny model with a tokenizer, ready for PrunePath training."""
+    state = State(model=fresh(arch), groups=list(groups_of(arch)), tokenizer=make_tokenizer())
+    return MoEfy(group_size=12, iters=5)(state).state
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    kw = dict(warmup_steps=2, steps=3, batch_size=2, block_len=16, grad_accum=2, lr=1e-3,
+              router_lr=1e-2, checkpoint_every=2)
+    full = _moefied()
+    full.run_dir = tmp_path / "a"
+    PrunePath(**kw)(full)
+    first = _moefied()
+    first.run_dir = tmp_path / "b"
+    with pytest.raises(TrainingHalted, match="resume"):
+        PrunePath(halt_after=3, **kw)(first)               # stops inside the sparse stage
+    again = _moefied()                                     # a fresh process: new model, routers
+    again.run_dir = tmp_path / "b"
+    PrunePath(**kw)(again)
+    assert again.metrics["prunepath"]["resumed_at"] == 3
+    want = dict(full.model.named_parameters())
+    for name, value in again.model.named_parameters():
+        assert torch.equal(value, want[name]), name
+    assert again.metrics["prunepath"]["stages"] == full.metrics["prunepath"]["stages"]
+    a = (tmp_path / "a" / "prunepath" / "metrics.jsonl").read_text()
+    assert a == (tmp_path / "b" / "prunepath" / "metrics.jsonl").read_text()
+    taus = [json.loads(line)["tau"] for line in a.splitlines()]
+    assert taus == [1.05, 1.05, 0.5, 0.5, 0.5]            # τ switches at warmup_steps
+
+
+def test_router_scope_trains_only_the_routers_and_keeps_the_flags():
+    state = _moefied()
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    state.model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    PrunePath(warmup_steps=1, steps=1, batch_size=2, block_len=16, lr=1e-2,
+              train_scope="router")(state)
+    routers = pp.router_param_names(state.model)
+    for name, p in state.model.named_parameters():
+        assert (name in routers) or torch.equal(p, before[name]), name
+        assert p.requires_grad == (name != "model.layers.0.mlp.up_proj.weight")
+    assert all(r.weight.abs().sum() > 0 for r in pp.routers(state.model))
+
+
+def test_prunepath_objective_has_no_teacher():
+    state = _moefied()
+    pp.install(state.model, state.moe_layout)
+    objective = PrunePathObjective(state.model, PrunePath())
+    with pytest.raises(SpecError, match="no teacher.*kd_weight=0"):
+        Train(steps=1, kd_weight=1.0).fit(state, objective)
+
+
 def test_tau_sweep_records_points():
     model, state = _routed("llama")
     state.tokenizer = make_tokenizer()
@@ -191,6 +245,10 @@ def test_bad_input_errors_before_work():
         TauSweep(taus=[])
     with pytest.raises(SpecError, match="mode"):
         PrunePath(mode="nucleus")
+    with pytest.raises(SpecError, match="grad_accum"):
+        PrunePath(grad_accum=0)
+    with pytest.raises(SpecError, match="halt_after"):
+        PrunePath(halt_after=0)
     model, _ = _routed("llama")
     before = pp.get_tau(model)
     with pytest.raises(SpecError, match="tau must be a number > 0"):

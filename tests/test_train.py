@@ -1,5 +1,6 @@
 """The Train pass: frozen weights, target sparsity reached, exact resume, logs and plots,
-the same loop for dense and MoE models and for both families."""
+the same loop for dense and MoE models and for both families (PrunePath's run of the same loop
+is tested in test_prunepath.py)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,13 @@ def test_lr_schedule_warmup_then_cosine():
 def test_bad_parameters_fail_at_construction(kw):
     with pytest.raises(SpecError):
         Train(**kw)
+
+
+def test_halt_after_needs_somewhere_to_checkpoint(corpus):
+    state = gated_state("llama")
+    with pytest.raises(SpecError, match="halt_after needs a run folder or checkpoint_dir"):
+        Train(steps=2, halt_after=1, source=corpus)(state)
+    assert all(p.requires_grad for p in state.model.parameters())  # refused before any work
 
 
 def test_checkpoint_dir_survives_a_replaced_run_folder(tmp_path, corpus):
