@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,9 +63,13 @@ def run_method(base, tokenizer, groups, method, sparsity, args, device, run_dir)
         Prune(criterion=method, sparsity=sparsity, calib_blocks=args.calib_blocks,
               block_len=args.block_len)(state)
     else:
-        opts = {}
-        lr = args.lr_ddp if method == "ddp" else args.lr_hc
-        Gate(family=method, sparsity=sparsity, lr=lr, seed=args.seed, options=opts)(state)
+        family = method.split("+")[0]
+        lr = args.lr_ddp if family == "ddp" else args.lr_hc
+        opts = {"lr_l1": args.lr_l1, "lr_l2": args.lr_l2, "lr_l3": args.lr_l3,
+                "dual_schedule": args.dual_schedule}
+        if method == "ddp":
+            opts["mu_T"] = args.mu_T
+        Gate(family=family, sparsity=sparsity, lr=lr, seed=args.seed, options=opts)(state)
         result = Train(steps=args.steps, batch_size=args.batch_size, block_len=args.block_len,
                        warmup=max(1, args.steps // 10), kd_weight=args.kd_weight,
                        seed=args.seed, checkpoint_every=max(args.steps, 1), resume=False)(state)
@@ -130,12 +135,13 @@ def plots(results: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     sps = list(results["runs"])
-    methods = list(next(iter(results["runs"].values())))
+    methods = list(dict.fromkeys(m for rows in results["runs"].values() for m in rows))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         ax.bar([j + i * width for j in range(len(sps))],
-               [results["runs"][s][m]["ppl"] for s in sps], width, label=m)
+               [results["runs"][s].get(m, {}).get("ppl", float("nan")) for s in sps], width,
+               label=m)
     ax.axhline(results["dense"]["ppl"], color="k", ls="--", lw=1, label="dense")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sps))],
                   [f"{float(s):.0%} removed" for s in sps])
@@ -146,9 +152,8 @@ def plots(results: dict, folder: Path) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for s in sps:
-        for m in LEARNED:
-            r = results["runs"][s].get(m)
-            if r and r.get("curve"):
+        for m, r in results["runs"][s].items():
+            if r.get("curve"):
                 ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]],
                         label=f"{m} {float(s):.0%}")
         ax.axhline(next((r["target_sparsity"] for r in results["runs"][s].values()
@@ -172,6 +177,16 @@ def main() -> None:
     ap.add_argument("--kd-weight", type=float, default=2.0)
     ap.add_argument("--lr-ddp", type=float, default=0.05)
     ap.add_argument("--lr-hc", type=float, default=0.1)
+    ap.add_argument("--lr-l1", type=float, default=0.02, help="multiplier learning rates")
+    ap.add_argument("--lr-l2", type=float, default=0.4)
+    ap.add_argument("--lr-l3", type=float, default=0.02)
+    ap.add_argument("--mu-T", dest="mu_T", type=float, default=0.1, help="DDP's final mu")
+    ap.add_argument("--dual-schedule", default="constant", choices=("constant", "cosine"))
+    ap.add_argument("--tag", default="",
+                    help="suffix for the learned methods' names in the table (a variant)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine result files of separate runs (e.g. one per GPU) into --out, "
+                         "--markdown and --plots; nothing is run")
     ap.add_argument("--tasks", nargs="+", default=["winowhy", "cause_and_effect_one_sentence"])
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--ppl-blocks", type=int, default=32)
@@ -184,7 +199,12 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="append/replace the section in this file")
     ap.add_argument("--plots", default=None, help="folder for the plots")
     args = ap.parse_args()
-
+    command = "python " + " ".join(["benchmarks/learned_vs_oneshot.py"] + sys.argv[1:])
+    if args.merge:
+        results = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        results["command"] = "\n".join(r for r in results.pop("commands") if r)
+        write(results, results["command"], args)
+        return
     device = torch.device(args.device)
     base, tokenizer = load_model(args.model)
     if args.groups:
@@ -213,15 +233,38 @@ def main() -> None:
                 run_dir = Path(tmp) / f"{method}-{sp}"
                 info, model = run_method(base, tokenizer, groups, method, sp, args, device, run_dir)
                 info.update(evaluate(model, tokenizer, blocks, tasks, args.limit, 4))
-                rows[method] = info
+                if method in LEARNED:
+                    info["settings"] = {k: getattr(args, k) for k in (
+                        "lr_l1", "lr_l2", "lr_l3", "dual_schedule", "kd_weight", "mu_T")}
+                    info["settings"]["lr"] = args.lr_ddp if method == "ddp" else args.lr_hc
+                rows[method + args.tag if method in LEARNED else method] = info
                 print(sp, method, {k: v for k, v in info.items() if k != "curve"}, flush=True)
                 del model
                 out = Path(args.out)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=1) + "\n")
-    command = "python " + " ".join(["benchmarks/learned_vs_oneshot.py"] + [
-        a for a in __import__("sys").argv[1:]])
     results["command"] = command
+    write(results, command, args)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from several runs of this script (same model, data and evaluation)."""
+    keys = ("steps", "batch_size", "block_len", "ppl_tokens", "limit", "tasks")
+    for p in parts[1:]:
+        diff = [k for k in keys if p[k] != parts[0][k]]
+        if diff:
+            raise SystemExit(f"cannot merge runs that differ in {', '.join(diff)}")
+    out = {k: v for k, v in parts[0].items() if k not in ("runs", "command")}
+    out["commands"] = [p.get("command") for p in parts]
+    out["runs"] = {}
+    for p in parts:
+        for sp, rows in p["runs"].items():
+            out["runs"].setdefault(sp, {}).update(rows)
+    return out
+
+
+def write(results: dict, command: str, args) -> None:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if args.plots:
         plots(results, Path(args.plots))

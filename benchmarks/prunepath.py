@@ -87,7 +87,7 @@ def load_groups(path: Path | None, model) -> list:
 def load_spec(path: Path, sets: list[str] | tuple = ()):
     """A spec with every pass it names registered (by importing the passes package, which
     works without the installed entry points too)."""
-    import prunegraph.passes  # noqa: F401
+    import prunegraph.passes  # noqa: F401  (registers the passes)
     from prunegraph.spec import load_spec as load
 
     return load(path, sets)
@@ -196,7 +196,8 @@ def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     state = State(model=copy.deepcopy(base).to(cfg["device"]), tokenizer=tok, groups=groups)
     t0 = time.perf_counter()
     Gate(family="ddp", sparsity=1.0 - fraction, budget="units", scope="group",
-         kinds=("channels",), lr=cfg["lr"], seed=cfg["seed"])(state)
+         kinds=("channels",), lr=cfg["lr"], seed=cfg["seed"],
+         options={"lr_l1": cfg["lr_l1"]})(state)
     steps = cfg["steps"]
     train = Train(steps=steps, batch_size=cfg["batch_size"], block_len=cfg["block_len"],
                   warmup=max(1, steps // 10), seed=cfg["seed"], checkpoint_every=steps,
@@ -346,9 +347,9 @@ def method_line(result: dict) -> str:
             f"{p['router_lr']}, model lr {p['lr']}, entropy {p['entropy']}, load balance "
             f"{p['load_balance']}, {p['mode']} mode, trained weights: {p['train_scope']}"
             + (f", {p['lr_schedule']} lr schedule" if "lr_schedule" in p else "") + ". Static "
-            f"rows prune only the MLP channels, the same number in every layer.")
+            "rows prune only the MLP channels, the same number in every layer.")
     if result["static"]["ddp"]:
-        text += (f" Static DDP: gates on the MLP channels (budget `units`, scope `group`), "
+        text += (" Static DDP: gates on the MLP channels (budget `units`, scope `group`), "
                  f"{ddp['steps']} mask-only steps (KD from the ungated model) of "
                  f"{ddp['batch_size']} × {ddp['block_len']} tokens, gate lr {ddp['lr']}, then "
                  f"`Finalize(mode=topk)` and `Slice`.")
@@ -405,6 +406,8 @@ def parse_args() -> argparse.Namespace:
                     help="only these τ points get static twins (default: every τ of the sweep)")
     ap.add_argument("--ddp-steps", type=int, default=300)
     ap.add_argument("--ddp-lr", type=float, default=0.05)
+    ap.add_argument("--ddp-lr-l1", dest="ddp_lr_l1", type=float, default=0.2,
+                    help="learning rate of DDP's budget multiplier lambda1")
     ap.add_argument("--ddp-workers", type=int, default=None,
                     help="processes training DDP points at once (default: one per point on "
                          "CUDA, 1 on the CPU)")
@@ -442,7 +445,8 @@ def ddp_config(args, prunepath_params: dict, fractions: list[float]) -> dict:
     workers = args.ddp_workers or (len(fractions) if on_cuda else 1)
     return {"steps": args.ddp_steps, "batch_size": batch, "block_len": block,
             "train_tokens": args.ddp_steps * batch * block, "lr": args.ddp_lr,
-            "seed": args.seed, "device": args.device, "workers": workers,
+            "lr_l1": args.ddp_lr_l1, "seed": args.seed, "device": args.device,
+            "workers": workers,
             "gpus": len(spread(args.device)) if on_cuda else 0,
             "seq_len": args.seq_len, "ppl_blocks": args.ppl_blocks}
 
