@@ -118,6 +118,30 @@ def _example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict:
     return {"input_ids": ids.to(device)}
 
 
+def _dynamic_shapes(kwargs: dict, auto: bool) -> dict:
+    """Symbolic batch and sequence dims for ``input_ids`` (and a same-shaped attention mask):
+    named ranges, or ``Dim.AUTO`` where export may narrow or specialise them."""
+    shapes: dict = {k: None for k in kwargs}
+    if "input_ids" in kwargs:
+        shapes["input_ids"] = ({0: Dim.AUTO, 1: Dim.AUTO} if auto else
+                               {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=1 << 17)})
+    if "attention_mask" in kwargs:
+        shapes["attention_mask"] = shapes["input_ids"]
+    return shapes
+
+
+def _export(model: torch.nn.Module, kwargs: dict, shapes: dict | None):
+    with _export_friendly(model), torch.no_grad():
+        return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+
+
+def _constraint_violation(error: Exception) -> bool:
+    """Whether export failed only because a guard narrows a named dynamic dim's range."""
+    kind = getattr(error, "error_type", None)
+    return getattr(kind, "name", "") == "CONSTRAINT_VIOLATION" or \
+        "Constraints violated" in str(error)
+
+
 def capture(model: torch.nn.Module, example_inputs: dict | None = None, *,
             dynamic: bool = True, batch: int = 2, seq: int = 16) -> Graph:
     """Export ``model`` to an ATen-level FX graph with parameters mapped to their names.
@@ -134,18 +158,21 @@ def capture(model: torch.nn.Module, example_inputs: dict | None = None, *,
     kwargs = dict(inputs)
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
-    shapes = None
-    if dynamic:
-        shapes = {k: None for k in kwargs}
-        if "input_ids" in kwargs:
-            shapes["input_ids"] = {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=1 << 17)}
-        if "attention_mask" in kwargs:
-            shapes["attention_mask"] = shapes["input_ids"]
+    shapes = _dynamic_shapes(kwargs, auto=False) if dynamic else None
     cls = type(model).__name__
     start = time.perf_counter()
     try:
-        with _export_friendly(model), torch.no_grad():
-            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+        try:
+            program = _export(model, kwargs, shapes)
+        except Exception as e:  # torch.export raises many unrelated types
+            if shapes is None or not _constraint_violation(e):
+                raise
+            # The model's code guards the sequence length in a way this torch cannot prove for
+            # the whole named range (e.g. torch 2.11 with transformers 5.17 on SmolLM2):
+            # automatic dims let export narrow the range or specialise instead of failing.
+            log.warning("capture of %s: %s; retrying with automatic dynamic dims", cls,
+                        str(e).strip().splitlines()[0])
+            program = _export(model, kwargs, _dynamic_shapes(kwargs, auto=True))
     except Exception as e:  # torch.export raises many unrelated types
         where = _user_frame(e)
         raise CaptureError(

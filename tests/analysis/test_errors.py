@@ -72,3 +72,29 @@ def test_untraceable_model_names_class_and_construct():
     with pytest.raises(CaptureError) as e:
         analyze(_DataDependent(), {"input_ids": torch.randint(0, 16, (2, 5))})
     assert "_DataDependent" in str(e.value)
+
+
+class _LengthGuarded(torch.nn.Module):
+    """Branches on the sequence length: a guard no named range up to 2**17 satisfies."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        if input_ids.shape[1] > 64:
+            x = x * 2
+        return self.head(x)
+
+
+def test_guarded_sequence_length_falls_back_to_automatic_dims(caplog):
+    from prunegraph.capture import capture
+
+    with caplog.at_level("WARNING", logger="prunegraph"):
+        graph = capture(_LengthGuarded(), {"input_ids": torch.randint(0, 16, (2, 5))})
+    assert "retrying with automatic dynamic dims" in caplog.text
+    assert graph.param_names  # a usable graph: parameters mapped to their names
+    assert analyze(_LengthGuarded(), {"input_ids": torch.randint(0, 16, (2, 5))}).groups
+
