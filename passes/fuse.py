@@ -25,9 +25,7 @@ at exactly 0 (a router mask) cannot be folded; slice such a model first.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +38,7 @@ from prunegraph.errors import PostconditionError, PreconditionError
 from prunegraph.pass_infra import Pass, PassResult, State, register_pass
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
-           "fold_gates", "traceable_experts"]
+           "fold_gates"]
 
 
 class FusedLinear(nn.Module):
@@ -126,28 +124,6 @@ class FusedPart(nn.Module):
 # ------------------------------------------------------------------------------ detection
 
 
-@contextlib.contextmanager
-def traceable_experts(model: nn.Module, impl: str = "batched_mm") -> Iterator[None]:
-    """Run fused-expert modules with a traceable implementation for the duration.
-
-    Slicing gives modules with unaligned expert widths their own config copy set to the eager
-    experts loop, whose data-dependent loop torch.export cannot trace; ``batched_mm`` (a gather
-    and a batched matmul) computes the same and traces.
-    """
-    saved = []
-    configs = {id(c): c for m in model.modules()
-               if (c := m.__dict__.get("config")) is not None}
-    for cfg in configs.values():
-        if getattr(cfg, "_experts_implementation", None) not in (None, impl):
-            saved.append((cfg, cfg._experts_implementation))
-            cfg._experts_implementation = impl
-    try:
-        yield
-    finally:
-        for cfg, value in saved:
-            cfg._experts_implementation = value
-
-
 def _plain_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward \
         and not parametrize.is_parametrized(module)
@@ -163,8 +139,7 @@ def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list
     if graph is None:
         from prunegraph.capture import capture
 
-        with traceable_experts(model):
-            graph = capture(model)
+        graph = capture(model)
     modules = dict(model.named_modules())
     tied = {n for names in graph.aliases.values() if len(names) > 1 for n in names}
     keyed: dict[tuple[str, Any], list[str]] = defaultdict(list)

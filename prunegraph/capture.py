@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 import logging
 import time
 import traceback
@@ -85,6 +86,31 @@ def canonical_parameters(model: torch.nn.Module) -> tuple[dict[str, str], dict[s
 
 
 @contextlib.contextmanager
+def traceable_experts(model: torch.nn.Module, impl: str = "batched_mm",
+                      only: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Run fused-expert modules with a traceable implementation for the duration.
+
+    Slicing gives modules with unaligned expert widths their own config copy set to the eager
+    experts loop, whose data-dependent loop torch.export cannot trace; ``batched_mm`` (a gather
+    and a batched matmul) computes the same and traces. ``only`` limits the switch to configs
+    currently set to one of those implementations.
+    """
+    saved = []
+    configs = {id(c): c for m in model.modules()
+               if (c := m.__dict__.get("config")) is not None}
+    for cfg in configs.values():
+        current = getattr(cfg, "_experts_implementation", None)
+        if current not in (None, impl) and (only is None or current in only):
+            saved.append((cfg, current))
+            cfg._experts_implementation = impl
+    try:
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg._experts_implementation = value
+
+
+@contextlib.contextmanager
 def _export_friendly(model: torch.nn.Module):
     """Turn off what torch.export cannot trace: the KV cache and data-dependent expert loops."""
     config = getattr(model, "config", None)
@@ -101,7 +127,8 @@ def _export_friendly(model: torch.nn.Module):
             saved["_experts_implementation"] = impl
             config._experts_implementation = "grouped_mm"
     try:
-        yield
+        with traceable_experts(model, only=("eager",)):  # sliced modules' own config copies
+            yield
     finally:
         for key, value in saved.items():
             setattr(config, key, value)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunegraph.capture import traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
 from prunegraph.pass_infra import Pass, PassResult, State, register_pass
 from prunegraph.runfolder import run_path
@@ -169,12 +170,6 @@ def _first_line(error: BaseException) -> str:
 # ---------------------------------------------------------------------------------- export
 
 
-def _traceable_experts(model: nn.Module):
-    from prunegraph.passes.fuse import traceable_experts
-
-    return traceable_experts(model)
-
-
 def _check_target(path: Path, overwrite: bool) -> None:
     if path.suffix != ".onnx":
         raise SpecError(f"the output {path} must end in .onnx, e.g. {path.with_suffix('.onnx')}")
@@ -283,7 +278,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, check: bool = True
     _check_model(model)
     start = time.perf_counter()
     wrapper = _Logits(model).eval()
-    with _traceable_experts(model):
+    with traceable_experts(model):
         program = _trace(wrapper, _inputs(model, 2, 16, seed=0))
         onnx_program = _convert(program, optimize)
     seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_keep, 
 from prunegraph.capture import capture
 from prunegraph.gating import apply_gates, gate_shape
 from prunegraph.pass_infra import State
-from prunegraph.passes.fuse import Fuse, FusedLinear, FusedPart, fuse, traceable_experts, unfuse
+from prunegraph.passes.fuse import Fuse, FusedLinear, FusedPart, fuse, unfuse
 from prunegraph.slicing import apply_plan
 
 #: architectures with separate sibling projections, and the sets the graph should yield per layer
@@ -31,9 +31,7 @@ EXPECTED = {
 @functools.lru_cache(maxsize=None)
 def _graph(arch: str):
     """The captured graph of the *unpruned* model: fusion reads only its structure."""
-    model = fresh(arch)
-    with traceable_experts(model):
-        return capture(model)
+    return capture(fresh(arch))
 
 
 def _sets(report) -> list[tuple[str, list[str]]]:

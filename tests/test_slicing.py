@@ -104,3 +104,20 @@ def test_slice_pass_removes_gates_and_slices():
     result = get_pass_class("Slice")()(State(model=model, plan=plan, gates=gates))
     assert result.modified and result.stats["params_after"] < result.stats["params_before"]
     torch.testing.assert_close(logits(result.state.model, ids), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "qwen2-moe"])
+def test_sliced_moe_with_unaligned_experts_is_analysed_again(arch):
+    """Slicing leaves unaligned expert modules on the eager loop (per-module config copies);
+    capture switches them to a traceable path itself, so a pruned model can be pruned again."""
+    from prunegraph.analysis import analyze
+
+    model = fresh(arch)
+    apply_plan(model, random_plan(arch, seed=5))
+    impls = lambda: sorted({getattr(c, "_experts_implementation", None)  # noqa: E731
+                            for m in model.modules() if (c := m.__dict__.get("config")) is not None})
+    before = impls()
+    assert "eager" in before  # the case under test: some experts fell back to the eager loop
+    kinds = {g.kind for g in analyze(model).groups}
+    assert {"heads", "expert_channels", "experts"} <= kinds
+    assert impls() == before  # the switch lasts only for the capture
