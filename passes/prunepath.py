@@ -22,7 +22,7 @@ autocast on CUDA, ``<run>/prunepath/metrics.jsonl`` and exact resume from
 ``<run>/prunepath/checkpoint.pt`` (or ``checkpoint_dir``; ``checkpoint_every``, ``resume``,
 ``halt_after`` as in Train). The checkpoint holds every trained tensor (routers and, with
 ``train_scope: all``, the model weights) and their AdamW moments: about three times the model's
-size. There is no distillation: the model being fine-tuned is no fixed teacher, and the
+size, so it is deleted once training completes unless ``keep_checkpoint: true``. There is no distillation: the model being fine-tuned is no fixed teacher, and the
 reference code has none. With ``steps = warmup_steps = 0`` the pass only installs the routers.
 
 ``state.metrics["prunepath"]["stages"]`` summarises each stage (first, last and mean
@@ -170,6 +170,7 @@ class PrunePath(Pass):
     resume: bool = True
     halt_after: int | None = None
     checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False
 
     def validate(self) -> None:
         for key in ("tau", "warmup_tau", "train_tau"):
@@ -217,7 +218,8 @@ class PrunePath(Pass):
                         warmup=self.lr_warmup, kd_weight=0.0, seed=self.seed, source=self.source,
                         checkpoint_every=self.checkpoint_every, resume=self.resume,
                         halt_after=self.halt_after, plots=False,
-                        checkpoint_dir=self.checkpoint_dir)
+                        checkpoint_dir=self.checkpoint_dir,
+                        keep_checkpoint=self.keep_checkpoint)
         flags = [(p, p.requires_grad) for p in state.model.parameters()]
         try:
             return trainer.fit(state, PrunePathObjective(state.model, self), subdir="prunepath")

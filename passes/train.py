@@ -29,6 +29,8 @@ uninterrupted run. ``prunegraph run`` replaces its run folder when it starts, so
 pipeline re-run put the checkpoint outside it with ``checkpoint_dir`` (a path; relative paths
 are taken from the current directory). ``halt_after=N`` stops after ``N`` steps of this run
 with a checkpoint (raises :class:`TrainingHalted`), to split a long run into jobs.
+``keep_checkpoint=False`` deletes the checkpoint once training completes (an objective that
+trains model weights checkpoints them with their optimizer state: about three times the model).
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ class Train(Pass):
     halt_after: int | None = None
     plots: bool = True
     checkpoint_dir: str | None = None
+    keep_checkpoint: bool = True
 
     def validate(self) -> None:
         for key, low in (("steps", 1), ("batch_size", 1), ("block_len", 2), ("grad_accum", 1),
@@ -304,8 +307,9 @@ class Train(Pass):
                 done = step + 1
                 stop = (self.halt_after is not None and done - start >= self.halt_after
                         and done < self.steps)
-                if ckpt is not None and (done % self.checkpoint_every == 0 or stop
-                                         or done == self.steps):
+                last = done == self.steps
+                if ckpt is not None and (stop or (done % self.checkpoint_every == 0 and not last)
+                                         or (last and self.keep_checkpoint)):
                     self._save(ckpt, config, done, objective, optimizer, scheduler, history)
                 if folder is not None and done % 10 == 0:
                     self._write_metrics(folder, history)  # live view for long runs
@@ -318,6 +322,8 @@ class Train(Pass):
                 bar.close()
             if folder is not None and history:
                 self._write_metrics(folder, history)
+        if ckpt is not None and not self.keep_checkpoint:
+            ckpt.unlink(missing_ok=True)  # only an interrupted run needs it
         plots = folder if folder is not None and self.plots else None
         last = history[-1] if history else {}
         return {"steps": self.steps, "resumed_at": start,

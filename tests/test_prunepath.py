@@ -188,6 +188,13 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
     assert a == (tmp_path / "b" / "prunepath" / "metrics.jsonl").read_text()
     taus = [json.loads(line)["tau"] for line in a.splitlines()]
     assert taus == [1.05, 1.05, 0.5, 0.5, 0.5]            # τ switches at warmup_steps
+    # the checkpoint (weights + AdamW moments) let run b resume; it goes once training ends
+    for run in ("a", "b"):
+        assert not (tmp_path / run / "prunepath" / "checkpoint.pt").exists()
+    kept = _moefied()
+    kept.run_dir = tmp_path / "c"
+    PrunePath(keep_checkpoint=True, **kw)(kept)
+    assert (tmp_path / "c" / "prunepath" / "checkpoint.pt").exists()
 
 
 def test_router_scope_trains_only_the_routers_and_keeps_the_flags():
