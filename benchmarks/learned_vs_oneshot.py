@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from _docs import replace_section
 from prunegraph.analysis import analyze
 from prunegraph.models import load_model
 from prunegraph.pass_infra import State
@@ -114,17 +115,6 @@ def markdown(results: dict, command: str) -> str:
     lines += ["", "![held-out perplexity](img/learned_vs_oneshot_ppl.png)",
               "![sparsity during training](img/learned_vs_oneshot_sparsity.png)", ""]
     return "\n".join(lines)
-
-
-def update_markdown(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        before, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = before + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def plots(results: dict, folder: Path) -> None:
@@ -269,7 +259,7 @@ def write(results: dict, command: str, args) -> None:
     if args.plots:
         plots(results, Path(args.plots))
     if args.markdown:
-        update_markdown(Path(args.markdown), markdown(results, command))
+        replace_section(Path(args.markdown), SECTION, markdown(results, command))
     print(markdown(results, command))
 
 

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from _docs import replace_section
+
 MODEL = "smollm2-135m"
 TAUS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 STATIC = ("wanda", "ddp")
@@ -357,18 +359,6 @@ def method_line(result: dict) -> str:
                    f"({result['seq_len']}-token blocks).")
 
 
-def replace_section(path: Path, text: str) -> None:
-    """Put ``text`` in place of this benchmark's section of ``path`` (appended if absent)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
-        nxt = rest.find("\n## ")
-        new = head + text.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    write_text(path, new)
-
-
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -488,7 +478,7 @@ def main() -> None:
         ddp_points(fractions, groups, result["ddp"], lambda rows: write("ddp", rows))
     write()
     if args.markdown is not None:
-        replace_section(args.markdown, markdown(result))
+        replace_section(args.markdown, SECTION, markdown(result))
     plot(result, args.plot)
     say(f"done; wrote {args.out}")
 

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from _docs import replace_section
+
 SECTION = "## PrunePath end-to-end greedy decoding (GPU)"
 TAUS = (0.5, 0.7, 0.9, 0.95)
 
@@ -360,21 +362,6 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['config']} | {r['tau'] or ''} | {frac} | {r['tok_s']:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {speed} | {same} |")
     return "\n".join(lines) + "\n"
-
-
-def replace_section(path: Path, heading: str, section: str) -> None:
-    """Replace the section that starts with ``heading`` in ``path`` (up to the next ``## ``
-    heading), or append it; the other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    if start >= 0:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from _docs import replace_section
+
 MODEL = "smollm2-135m"
 SECTION = "## Targets on CPU: eager, fused, onnxruntime (SmolLM2-135M)"
 
@@ -176,19 +178,6 @@ def _markdown(result: dict) -> str:
         *rows, ""])
 
 
-def _write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start >= 0:  # replace our own section, keep the others
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="run folder (with model/) holding the pruned model")
@@ -233,7 +222,7 @@ def main() -> None:
     section = _markdown(result)
     print(section)
     if args.docs:
-        _write_docs(Path(args.docs), section)
+        replace_section(Path(args.docs), SECTION, section)
 
 
 if __name__ == "__main__":
