@@ -20,14 +20,12 @@ reports how much of the trained gates' mass the discrete choice removed beyond z
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from prunegraph.errors import SpecError
-from prunegraph.gating import gate_shape
 from prunegraph.pass_infra import Pass, PassResult, State, register_pass
 
 __all__ = ["Finalize", "keep_from_values"]

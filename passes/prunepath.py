@@ -6,7 +6,10 @@ and a τ sweep from one checkpoint (methods.md §3).
 
 1. ``warmup_steps`` at ``warmup_tau`` (> 1: every expert on, gates ``sigmoid(r_e)``), so the
    FFN weights absorb the initial 0.5 gate scale and the router starts to learn;
-2. ``steps`` at ``train_tau`` (sparse routing).
+2. ``steps`` at ``train_tau`` (sparse routing); with ``train_tau_max`` each sparse step draws its
+   τ uniformly from ``[train_tau, train_tau_max]`` instead (seeded by step, so resumable). That
+   is not in the reference code: training at one τ fits the weights to that sparsity, and the
+   checkpoint is meant to serve every τ set after loading.
 
 The loss is next-token cross-entropy on the calibration split plus ``entropy`` × the mean
 router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and
@@ -35,6 +38,7 @@ After the pass, ``state.model`` is still the user's module, with its ``requires_
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +80,18 @@ class PrunePathObjective:
 
     def stage(self, step: int) -> tuple[str, float]:
         """The stage of ``step`` and its τ."""
-        if step < self.spec.warmup_steps:
-            return STAGES[0], self.spec.warmup_tau
-        return STAGES[1], self.spec.train_tau
+        s = self.spec
+        if step < s.warmup_steps:
+            return STAGES[0], s.warmup_tau
+        if s.train_tau_max is None:
+            return STAGES[1], s.train_tau
+        u = random.Random(s.seed * 1_000_003 + step).random()
+        return STAGES[1], s.train_tau + (s.train_tau_max - s.train_tau) * u
 
     def config(self) -> dict[str, Any]:
-        keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "lr", "router_lr",
-                "router_decay", "entropy", "load_balance", "train_scope", "lr_schedule")
+        keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "train_tau_max", "lr",
+                "router_lr", "router_decay", "entropy", "load_balance", "train_scope",
+                "lr_schedule")
         return {"objective": self.name, "routers": sorted(pp.router_param_names(self.model)),
                 **{k: getattr(self.spec, k) for k in keys}}
 
@@ -153,6 +162,7 @@ class PrunePath(Pass):
     warmup_tau: float = 1.05
     steps: int = 50
     train_tau: float = 0.5
+    train_tau_max: float | None = None
     lr: float = 1e-4
     router_lr: float = 1e-3
     router_decay: float = 1e-2
@@ -178,6 +188,10 @@ class PrunePath(Pass):
                 pp.check_tau(getattr(self, key))
             except SpecError as e:
                 raise SpecError(f"PrunePath.{key}: {e}") from None
+        if self.train_tau_max is not None and not self.train_tau <= self.train_tau_max <= 1.0:
+            raise SpecError(f"PrunePath.train_tau_max must lie in [train_tau, 1] (a range of "
+                            f"sparse-stage τ), got {self.train_tau_max} with train_tau "
+                            f"{self.train_tau}")
         for key, low in (("warmup_steps", 0), ("steps", 0), ("batch_size", 1), ("block_len", 2),
                          ("grad_accum", 1), ("lr_warmup", 0), ("checkpoint_every", 1)):
             if getattr(self, key) < low:

@@ -256,6 +256,8 @@ def test_bad_input_errors_before_work():
         PrunePath(grad_accum=0)
     with pytest.raises(SpecError, match="halt_after"):
         PrunePath(halt_after=0)
+    with pytest.raises(SpecError, match="train_tau_max"):
+        PrunePath(train_tau=0.6, train_tau_max=0.5)
     model, _ = _routed("llama")
     before = pp.get_tau(model)
     with pytest.raises(SpecError, match="tau must be a number > 0"):
@@ -280,3 +282,20 @@ def test_remove_restores_the_dense_permuted_model():
     pp.remove(model)
     assert not pp.is_installed(model)
     assert not any("prunepath" in n for n, _ in model.named_parameters())
+
+
+def test_sparse_stage_tau_range_is_sampled_per_step_and_reproducible(tmp_path):
+    kw = dict(warmup_steps=1, steps=6, batch_size=2, block_len=16, train_tau=0.5,
+              train_tau_max=0.9)
+    runs = []
+    for name in ("a", "b"):
+        state = _moefied()
+        state.run_dir = tmp_path / name
+        PrunePath(**kw)(state)
+        lines = (tmp_path / name / "prunepath" / "metrics.jsonl").read_text().splitlines()
+        runs.append([json.loads(line)["tau"] for line in lines])
+    taus = runs[0]
+    assert taus[0] == 1.05 and all(0.5 <= t <= 0.9 for t in taus[1:])
+    assert len(set(taus[1:])) == 6                      # a new τ every sparse step
+    assert runs[0] == runs[1]                           # seeded by step: resumes the same
+
