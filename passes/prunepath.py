@@ -139,7 +139,9 @@ class PrunePathObjective:
 
 def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ce = [r["ce"] for r in rows]
-    return {"stage": label, "steps": len(rows), "tau": rows[0]["tau"],
+    taus = [r["tau"] for r in rows]
+    tau = taus[0] if min(taus) == max(taus) else [round(min(taus), 4), round(max(taus), 4)]
+    return {"stage": label, "steps": len(rows), "tau": tau,
             "loss_first": round(ce[0], 4), "loss_last": round(ce[-1], 4),
             "loss_mean": round(sum(ce) / len(ce), 4),
             "entropy_last": round(rows[-1]["entropy"], 4),

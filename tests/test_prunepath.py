@@ -298,4 +298,6 @@ def test_sparse_stage_tau_range_is_sampled_per_step_and_reproducible(tmp_path):
     assert taus[0] == 1.05 and all(0.5 <= t <= 0.9 for t in taus[1:])
     assert len(set(taus[1:])) == 6                      # a new τ every sparse step
     assert runs[0] == runs[1]                           # seeded by step: resumes the same
+    lo, hi = state.metrics["prunepath"]["stages"][1]["tau"]  # the stage reports its range
+    assert (lo, hi) == (round(min(taus[1:]), 4), round(max(taus[1:]), 4))
 
