@@ -388,7 +388,8 @@ def parse_args() -> argparse.Namespace:
                     help="PrunePath and DDP batch (default: the example's)")
     ap.add_argument("--block-len", dest="block_len", type=int, default=None,
                     help="PrunePath and DDP block length (default: the example's)")
-    ap.add_argument("--taus", type=floats, default=TAUS, help="comma-separated τ of the sweep")
+    ap.add_argument("--taus", type=floats, default=None,
+                    help=f"comma-separated τ of the sweep (--train only; default {TAUS})")
     ap.add_argument("--save", type=Path, default=None, help="save the PrunePath model here")
     ap.add_argument("--static", type=lambda s: s.split(","), default=list(STATIC),
                     help="comma-separated static baselines: wanda, ddp")
@@ -417,6 +418,9 @@ def parse_args() -> argparse.Namespace:
     if args.from_run is not None and (args.warmup_steps is not None or args.steps is not None
                                       or args.save is not None):
         ap.error("--warmup-steps, --steps and --save apply to --train only")
+    if args.from_run is not None and args.taus is not None:
+        ap.error("--taus applies to --train only: a finished run's sweep has its own τ")
+    args.taus = args.taus or TAUS
     return args
 
 

@@ -115,9 +115,9 @@ class Router(nn.Module):
         self.entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
         self.balance = self.experts * (p.mean(0) ** 2).sum()
         sizes = self.sizes.to(keep.device)
-        with torch.no_grad():
-            self.channels_touched += float((keep.reshape(-1, self.experts).float()
-                                            @ sizes.float()).sum())
+        with torch.no_grad():  # a device tensor: no host sync per layer on GPUs
+            self.channels_touched = self.channels_touched + (
+                keep.reshape(-1, self.experts).float() @ sizes.float()).sum()
             self.tokens += keep.numel() // self.experts
         self._gates = gates
 
@@ -250,7 +250,7 @@ def active_fraction(model: nn.Module) -> float:
     """Average fraction of FFN channels touched per token (over all routed MLPs) since the last
     :func:`reset_stats`; ``nan`` if nothing ran."""
     rs = routers(model)
-    touched = sum(r.channels_touched for r in rs)
+    touched = sum(float(r.channels_touched) for r in rs)
     total = sum(r.tokens * r.width for r in rs)
     return touched / total if total else float("nan")
 
