@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from prunegraph.runfolder import atomic_write_text
 
 
 def replace_section(path: Path, heading: str, section: str) -> None:
     """Put ``section`` in place of the one starting with ``heading`` (up to the next ``## ``
-    heading), or append it; other sections stay as they are. Written to a temporary name and
-    renamed, so an interrupted run leaves the old file."""
+    heading), or append it; other sections stay as they are. Written atomically, so an
+    interrupted run leaves the old file."""
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(heading)
@@ -18,6 +19,4 @@ def replace_section(path: Path, heading: str, section: str) -> None:
         text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, text.rstrip("\n") + "\n")

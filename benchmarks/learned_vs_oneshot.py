@@ -31,6 +31,7 @@ from _docs import replace_section
 from prunegraph.analysis import analyze
 from prunegraph.models import load_model
 from prunegraph.pass_infra import State
+from prunegraph.runfolder import atomic_write_text
 from prunegraph.passes.evaluate import count_params
 from prunegraph.passes.evaluation import multiple_choice, perplexity
 from prunegraph.passes.finalize import Finalize
@@ -230,9 +231,7 @@ def main() -> None:
                 rows[method + args.tag if method in LEARNED else method] = info
                 print(sp, method, {k: v for k, v in info.items() if k != "curve"}, flush=True)
                 del model
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1) + "\n")
+                atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     results["command"] = command
     write(results, command, args)
 
@@ -254,8 +253,7 @@ def merge(parts: list[dict]) -> dict:
 
 
 def write(results: dict, command: str, args) -> None:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     if args.plots:
         plots(results, Path(args.plots))
     if args.markdown:

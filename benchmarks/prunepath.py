@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
+from prunegraph.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
 TAUS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -359,13 +360,6 @@ def method_line(result: dict) -> str:
                    f"({result['seq_len']}-token blocks).")
 
 
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
 # ------------------------------------------------------------------------------------- main
 
 
@@ -472,7 +466,7 @@ def main() -> None:
         if key is not None:
             result["static"][key] = list(rows)
         result["seconds"] = round(time.perf_counter() - START, 1)
-        write_text(args.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     write()
     if "wanda" in args.static:

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
+from prunegraph.runfolder import atomic_write_text
 
 SECTION = "## PrunePath end-to-end greedy decoding (GPU)"
 TAUS = (0.5, 0.7, 0.9, 0.95)
@@ -325,13 +326,6 @@ def _prunepath_triton(model, prompt, args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def markdown(result: dict) -> str:
     """This benchmark's docs section: setup, command, table."""
     rows = [r for r in result["rows"] if "tok_s" in r]
@@ -427,7 +421,7 @@ def main(argv=None) -> None:
     def record(row: dict) -> None:
         result["rows"].append(row)
         result["seconds"] = round(time.perf_counter() - start, 1)
-        write_json(args.out, result)
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "generate_s")}),
               flush=True)
 

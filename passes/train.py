@@ -307,9 +307,10 @@ class Train(Pass):
                 done = step + 1
                 stop = (self.halt_after is not None and done - start >= self.halt_after
                         and done < self.steps)
-                last = done == self.steps
-                if ckpt is not None and (stop or (done % self.checkpoint_every == 0 and not last)
-                                         or (last and self.keep_checkpoint)):
+                final_step = done == self.steps
+                if ckpt is not None and (stop or (done % self.checkpoint_every == 0
+                                                  and not final_step)
+                                         or (final_step and self.keep_checkpoint)):
                     self._save(ckpt, config, done, objective, optimizer, scheduler, history)
                 if folder is not None and done % 10 == 0:
                     self._write_metrics(folder, history)  # live view for long runs
