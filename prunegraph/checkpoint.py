@@ -121,9 +121,10 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
 
     tied = _tied(model)
     aliases = {n for names in tied for n in names[1:]}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in aliases}
     persistent = set(model.state_dict())
-    buffers = {n: b.detach().contiguous() for n, b in model.named_buffers()
+    buffers = {n: b.detach().contiguous().cpu() for n, b in model.named_buffers()
                if n not in persistent and b is not None}
     hf_config = _hf_config(model, plan, base_config)
     extra = {"base_config": base_config.to_dict(), "model_class": type(model).__name__,

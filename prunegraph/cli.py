@@ -53,5 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m prunegraph.cli`: run the imported module's registry
+    from prunegraph.cli import main as _main
+
+    sys.exit(_main())

@@ -3,6 +3,7 @@
 A spec file is a small typed top level plus the ordered pass list::
 
     model: smollm2-135m        # optional: becomes an implicit first `Load` pass
+    device: auto               # optional: the Load's device (auto = the GPU when there is one)
     seed: 0                    # seeds Python, NumPy and torch before the first pass
     passes:
       - Capture                # a bare name: every parameter at its default
@@ -42,7 +43,8 @@ from prunegraph.pipeline import SPEC_VERSION, Pipeline, check_version, pass_from
 __all__ = ["Spec", "load_spec", "apply_overrides", "parse_value", "TOP_LEVEL_KEYS"]
 
 #: Top-level keys of a spec and their types (``passes`` aside).
-TOP_LEVEL_KEYS = {"version": int, "model": (str, type(None)), "seed": int, "passes": list}
+TOP_LEVEL_KEYS = {"version": int, "model": (str, type(None)), "device": (str, type(None)),
+                  "seed": int, "passes": list}
 
 
 class _Loader(yaml.SafeLoader):
@@ -72,15 +74,14 @@ class Spec:
     model: str | None = None
     seed: int = 0
     source: str | None = dataclasses.field(default=None, compare=False)
+    device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (every default filled in, the Load explicit), as plain data."""
-        return {
-            "version": SPEC_VERSION,
-            "model": self.model,
-            "seed": self.seed,
-            "passes": [p.to_dict() for p in self.pipeline.passes],
-        }
+        out = {"version": SPEC_VERSION, "model": self.model}
+        if self.device is not None:
+            out["device"] = self.device
+        return {**out, "seed": self.seed, "passes": [p.to_dict() for p in self.pipeline.passes]}
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str | None = None) -> Spec:
@@ -107,31 +108,38 @@ class Spec:
         check_version(data, where)
         if "passes" not in data:
             raise SpecError(f"{where}the spec has no 'passes' list; add `passes: [...]`")
-        model = data.get("model")
+        model, device = data.get("model"), data.get("device")
         entries = list(data["passes"])
-        if entries and _entry_name(entries[0]) == Load.name and model is not None:
+        if entries and _entry_name(entries[0]) == Load.name and (model, device) != (None, None):
             name, params = _normalise_entry(entries[0])
             params = dict(params)
-            if "model" not in params:
-                params["model"] = model
-            elif params["model"] != model:
-                raise SpecError(
-                    f"{where}top-level model {model!r} and passes[0] Load(model="
-                    f"{params['model']!r}) disagree; keep one of them"
-                )
+            for key, value in (("model", model), ("device", device)):
+                if value is None:
+                    continue
+                if key not in params:
+                    params[key] = value
+                elif params[key] != value:
+                    raise SpecError(
+                        f"{where}top-level {key} {value!r} and passes[0] Load({key}="
+                        f"{params[key]!r}) disagree; keep one of them"
+                    )
             entries[0] = {name: params}
+        elif device is not None and model is None:
+            raise SpecError(f"{where}top-level device {device!r} applies to the Load pass, but "
+                            f"the spec loads no model; set `model:` or start with a Load pass")
         passes = [pass_from_entry(e, where=f"{where}passes[{i}]") for i, e in enumerate(entries)]
         implicit = model is not None and not (passes and isinstance(passes[0], Load))
         try:
             if implicit:  # validate first without the Load, so indices match the file
                 Pipeline(passes, initial=Load.provides)
-                passes.insert(0, Load(model=model))
+                passes.insert(0, Load(model=model, device=device or "auto"))
             pipeline = Pipeline(passes, initial=())
         except SpecError as e:
             hint = ("" if model is not None or (passes and isinstance(passes[0], Load))
                     else " (or set the top-level `model:`, which adds a Load)")
             raise SpecError(f"{where}{e}{hint}") from None
-        return cls(pipeline=pipeline, model=model, seed=data.get("seed", 0), source=source)
+        return cls(pipeline=pipeline, model=model, seed=data.get("seed", 0), source=source,
+                   device=device)
 
     def describe(self) -> str:
         head = [f"model: {self.model}", f"seed: {self.seed}", "passes:"]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prunegraph import run_cli
 from prunegraph.errors import SpecError
 from prunegraph.load_pass import Load
-from prunegraph.pass_infra import Pass, PassResult, isolated_registry, register_pass
+from prunegraph.pass_infra import Pass, PassResult, State, isolated_registry, register_pass
 from prunegraph.spec import Spec, load_spec, parse_value
 
 RAN: list[str] = []
@@ -251,7 +251,8 @@ def test_overrides_do_not_mutate_the_input():
 def test_top_level_model_becomes_a_first_load():
     spec = load_spec({"model": "random:llama", "passes": ["Capture"]})
     assert spec.pipeline.passes == (Load(model="random:llama"), Capture())
-    assert spec.to_dict()["passes"][0] == {"Load": {"model": "random:llama", "dtype": "float32"}}
+    assert spec.to_dict()["passes"][0] == {"Load": {"model": "random:llama", "dtype": "float32",
+                                                    "device": "auto"}}
 
 
 def test_model_override_and_load_filled_from_top_level():
@@ -263,6 +264,38 @@ def test_model_override_and_load_filled_from_top_level():
 def test_conflicting_models_are_refused():
     with pytest.raises(SpecError, match="disagree; keep one of them"):
         load_spec({"model": "a", "passes": [{"Load": {"model": "b"}}]})
+
+
+def test_top_level_device_goes_to_the_load_and_survives_a_round_trip():
+    spec = load_spec({"model": "random:llama", "device": "cpu", "passes": ["Capture"]})
+    assert spec.pipeline.passes[0] == Load(model="random:llama", device="cpu")
+    again = load_spec(spec.to_dict())
+    assert again.pipeline.passes == spec.pipeline.passes and again.device == "cpu"
+    explicit = load_spec({"device": "cpu", "passes": [{"Load": {"model": "random:llama"}}]})
+    assert explicit.pipeline.passes[0].device == "cpu"
+    state = spec.pipeline.passes[0](State()).state
+    assert next(state.model.parameters()).device.type == "cpu"
+    overridden = load_spec({"model": "random:llama", "passes": []}, overrides=["device=cpu"])
+    assert overridden.pipeline.passes[0].device == "cpu"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": "a", "device": "cpu", "passes": [{"Load": {"device": "cuda"}}]},
+     "top-level device 'cpu' and passes\\[0\\] Load\\(device='cuda'\\) disagree"),
+    ({"device": "cpu", "passes": ["Source"]}, "the spec loads no model"),
+    ({"model": "a", "device": "gpu0", "passes": []}, "'gpu0' is not a device"),
+])
+def test_bad_devices_are_refused_before_loading(data, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(data)
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SpecError, match="sees no CUDA GPU here; use device: auto"):
+        load_spec({"model": "random:llama", "device": "cuda", "passes": []})
 
 
 def test_indices_in_errors_count_file_entries_not_the_implicit_load(tmp_path):
