@@ -28,7 +28,7 @@ import torch
 from prunegraph.errors import SpecError
 from prunegraph.pass_infra import Pass, PassResult, State, register_pass
 
-__all__ = ["Finalize", "keep_from_values"]
+__all__ = ["Finalize", "keep_from_values", "plan_from_values"]
 
 
 def _floor(group) -> int:
@@ -90,6 +90,18 @@ def _order_by(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return kept[torch.argsort(values[kept].float(), descending=True, stable=True)]
 
 
+def plan_from_values(family, values: dict[str, torch.Tensor], mode: str, model=None,
+                     round_to: int = 1, fold_scales: bool = True):
+    """The :class:`~prunegraph.plan.Plan` that Finalize makes from gate ``values`` (CPU float):
+    the kept units of ``mode``, constraints repaired, kept values as scales if ``fold_scales``.
+    Train's polish phase trains under the same choice, so it calls this too."""
+    from prunegraph.plan import Plan
+
+    keep = keep_from_values(family, values, mode, model=model, round_to=round_to)
+    return Plan.from_keep(family.groups, keep, scales=values if fold_scales else None,
+                          model=model, scores=values)
+
+
 @register_pass
 @dataclass(frozen=True)
 class Finalize(Pass):
@@ -109,13 +121,10 @@ class Finalize(Pass):
             raise SpecError(f"pass Finalize: round_to must be >= 1, got {self.round_to}")
 
     def run(self, state: State) -> PassResult:
-        from prunegraph.plan import Plan
-
         family, model = state.gate_family, state.model
         values = {n: v.detach().float().cpu() for n, v in state.trained_gates.items()}
-        keep = keep_from_values(family, values, self.mode, model=model, round_to=self.round_to)
-        plan = Plan.from_keep(family.groups, keep, scales=values if self.fold_scales else None,
-                              model=model, scores=values)
+        plan = plan_from_values(family, values, self.mode, model=model, round_to=self.round_to,
+                                fold_scales=self.fold_scales)
         state.plan = plan
         planned = plan.gate_values()
         total = sum(float(v.abs().sum()) for v in values.values())

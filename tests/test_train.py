@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from _gate_fixtures import corpus, gated_state, one_thread  # noqa: F401
+from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
 from prunegraph.errors import SpecError
 from prunegraph.pass_infra import State
 from prunegraph.passes.train import Train, TrainingHalted, lr_factor
@@ -60,6 +60,54 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, corpus, family
     assert a == b
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3-moe"])
+def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
+    """The polish fixes Finalize's choice on the gates the search ended with; the kept gates
+    still move, the removed ones end at 0, Finalize then keeps that set, sliced equals gated."""
+    from prunegraph.passes.finalize import Finalize, plan_from_values
+    from prunegraph.passes.slicing import Slice
+
+    state = gated_state(arch, sparsity=0.3, lr=0.1)
+    seen = []
+    fam = state.gate_family
+    forward_values = fam.forward_values
+    fam.forward_values = lambda *a: seen.append(forward_values(*a)) or seen[-1]
+    _train(state, tmp_path, steps=12, polish_steps=4, source=corpus, plots=False)
+    lines = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["penalty"] != 0.0 for x in lines[1:8])          # step 1: multipliers at 0
+    assert all(x["penalty"] == 0.0 for x in lines[8:])
+    trained = state.trained_gates
+    Finalize()(state)
+    planned = state.plan.gate_values()
+    at_start = plan_from_values(fam, {n: v.detach().float() for n, v in seen[8].items()}, "topk",
+                                model=state.model).gate_values()
+    for name, value in trained.items():
+        assert torch.equal(value != 0, planned[name] != 0)
+        assert torch.equal(value != 0, at_start[name] != 0)
+    assert abs(lines[-1]["achieved_sparsity"] - fam.target_sparsity()) < 0.02
+    assert any(not torch.equal(seen[8][n].detach(), seen[-1][n].detach()) for n in trained)
+    x = ids()
+    with torch.no_grad():
+        gated = state.model(x).logits
+    Slice()(state)
+    with torch.no_grad():
+        torch.testing.assert_close(state.model(x).logits, gated, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_inside_the_polish_equals_uninterrupted(tmp_path, corpus):
+    kw = dict(steps=8, polish_steps=4, checkpoint_every=2, source=corpus, plots=False)
+    full = gated_state("llama", lr=0.1)
+    _train(full, tmp_path / "a", **kw)
+    with pytest.raises(TrainingHalted):
+        _train(gated_state("llama", lr=0.1), tmp_path / "b", halt_after=5, **kw)
+    again = gated_state("llama", lr=0.1)
+    assert _train(again, tmp_path / "b", **kw).stats["resumed_at"] == 5
+    for name, value in full.trained_gates.items():
+        assert torch.equal(again.trained_gates[name], value)
+    assert ((tmp_path / "a" / "train" / "metrics.jsonl").read_text()
+            == (tmp_path / "b" / "train" / "metrics.jsonl").read_text())
+
+
 def test_resume_refuses_other_settings(tmp_path, corpus):
     state = gated_state("llama")
     _train(state, tmp_path, steps=2, checkpoint_every=1, source=corpus, plots=False)
@@ -84,8 +132,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_lr_schedule_restarts_for_the_polish():
+    assert lr_factor(45, 100, 10, restart=80) == pytest.approx(0.5)   # first cosine ends at 80
+    assert lr_factor(79, 100, 10, restart=80) == pytest.approx(0.0, abs=3e-3)
+    assert lr_factor(80, 100, 10, restart=80) == pytest.approx(1.0)
+    assert lr_factor(90, 100, 10, restart=80) == pytest.approx(0.5)
+    assert lr_factor(90, 100, 10, "constant", restart=80) == 1.0
+
+
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(batch_size=0), dict(kd_weight=-1.0),
-                                dict(halt_after=0)])
+                                dict(halt_after=0), dict(steps=10, polish_steps=10),
+                                dict(polish_steps=-1)])
 def test_bad_parameters_fail_at_construction(kw):
     with pytest.raises(SpecError):
         Train(**kw)
