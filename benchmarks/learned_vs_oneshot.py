@@ -55,7 +55,8 @@ def evaluate(model, tokenizer, blocks, tasks, limit, batch_size) -> dict:
     return out
 
 
-def run_method(base, tokenizer, groups, method, sparsity, args, device, run_dir) -> dict:
+def run_method(base, tokenizer, groups, method, sparsity, args, device, run_dir,
+               held_out) -> dict:
     model = copy.deepcopy(base).to(device)
     state = State(model=model, tokenizer=tokenizer, groups=groups)
     state.run_dir = run_dir
@@ -74,10 +75,14 @@ def run_method(base, tokenizer, groups, method, sparsity, args, device, run_dir)
         Gate(family=family, sparsity=sparsity, lr=lr, seed=args.seed, options=opts)(state)
         result = Train(steps=args.steps, batch_size=args.batch_size, block_len=args.block_len,
                        warmup=max(1, args.steps // 10), kd_weight=args.kd_weight,
-                       seed=args.seed, checkpoint_every=max(args.steps, 1), resume=False)(state)
-        Finalize(mode="topk")(state)
+                       seed=args.seed, checkpoint_every=max(args.steps, 1), resume=False,
+                       polish_steps=args.polish_steps)(state)
         info = {k: result.stats[k] for k in ("steps_to_target", "achieved_sparsity",
                                               "target_sparsity", "tokens")}
+        info["polish_steps"] = args.polish_steps
+        # the gated model as training left it, before Finalize cuts to the exact budget
+        info["ppl_before_finalize"] = perplexity(state.model, held_out, 4, False)
+        Finalize(mode="topk")(state)
         info["gate_mass_cut"] = state.metrics["finalize"]["gate_mass_cut"]
         history = [json.loads(x) for x in (Path(run_dir) / "train" / "metrics.jsonl")
                    .read_text().splitlines()]
@@ -95,8 +100,12 @@ def markdown(results: dict, command: str) -> str:
     dense = results["dense"]
     head = ("| sparsity | method | params | held-out ppl | ppl / dense | "
             + " | ".join(tasks) + " | time (s) | steps to target |")
+    polish = {r["settings"].get("polish_steps", 0) for rows in results["runs"].values()
+              for r in rows.values() if "settings" in r}
+    polish_note = (f" (the last {polish.pop()} of them the polish phase)"
+                   if len(polish) == 1 and 0 not in polish else "")
     lines = [SECTION, "", f"Device: {results['device']}; torch {results['torch']}. "
-             f"Learned gates: {results['steps']} steps x {results['batch_size']} x "
+             f"Learned gates: {results['steps']} steps{polish_note} x {results['batch_size']} x "
              f"{results['block_len']} tokens = {results['tokens']:,} calibration tokens each; "
              f"one-shot criteria: {results['calib_blocks']} x {results['block_len']} calibration "
              f"tokens. Perplexity on {results['ppl_tokens']:,} held-out tokens (512-token blocks); "
@@ -168,11 +177,14 @@ def main() -> None:
     ap.add_argument("--kd-weight", type=float, default=2.0)
     ap.add_argument("--lr-ddp", type=float, default=0.05)
     ap.add_argument("--lr-hc", type=float, default=0.1)
-    ap.add_argument("--lr-l1", type=float, default=0.02, help="multiplier learning rates")
+    ap.add_argument("--lr-l1", type=float, default=0.2, help="multiplier learning rates")
     ap.add_argument("--lr-l2", type=float, default=0.4)
     ap.add_argument("--lr-l3", type=float, default=0.02)
     ap.add_argument("--mu-T", dest="mu_T", type=float, default=0.1, help="DDP's final mu")
     ap.add_argument("--dual-schedule", default="constant", choices=("constant", "cosine"))
+    ap.add_argument("--polish-steps", type=int, default=0,
+                    help="Train's polish phase: the last N of --steps train the kept gates "
+                         "under the exact final mask")
     ap.add_argument("--tag", default="",
                     help="suffix for the learned methods' names in the table (a variant)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -193,7 +205,7 @@ def main() -> None:
     command = "python " + " ".join(["benchmarks/learned_vs_oneshot.py"] + sys.argv[1:])
     if args.merge:
         results = merge([json.loads(Path(f).read_text()) for f in args.merge])
-        results["command"] = "\n".join(r for r in results.pop("commands") if r)
+        results["command"] = "\n".join([*(r for r in results.pop("commands") if r), command])
         write(results, results["command"], args)
         return
     device = torch.device(args.device)
@@ -222,11 +234,13 @@ def main() -> None:
             rows = results["runs"].setdefault(str(sp), {})
             for method in args.methods:
                 run_dir = Path(tmp) / f"{method}-{sp}"
-                info, model = run_method(base, tokenizer, groups, method, sp, args, device, run_dir)
+                info, model = run_method(base, tokenizer, groups, method, sp, args, device,
+                                         run_dir, blocks)
                 info.update(evaluate(model, tokenizer, blocks, tasks, args.limit, 4))
                 if method in LEARNED:
                     info["settings"] = {k: getattr(args, k) for k in (
-                        "lr_l1", "lr_l2", "lr_l3", "dual_schedule", "kd_weight", "mu_T")}
+                        "lr_l1", "lr_l2", "lr_l3", "dual_schedule", "kd_weight", "mu_T",
+                        "polish_steps")}
                     info["settings"]["lr"] = args.lr_ddp if method == "ddp" else args.lr_hc
                 rows[method + args.tag if method in LEARNED else method] = info
                 print(sp, method, {k: v for k, v in info.items() if k != "curve"}, flush=True)
