@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from prunegraph.runfolder import atomic_write_text
+
 MODELS = ["smollm2-135m", "meta:llama-3-8b", "meta:qwen3-32b", "meta:qwen3-30b-a3b"]
 TARGETS = {"smollm2-135m": 10.0, "meta:llama-3-8b": 30.0, "meta:qwen3-32b": 30.0, "meta:qwen3-30b-a3b": 30.0}
 
@@ -72,9 +74,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": f"{platform.machine()} {platform.processor()} cpus={__import__('os').cpu_count()}",
             "command": "python benchmarks/analysis_scale.py", "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(data, indent=1))
     print("| model | params | groups | capture s | analysis s | total s (target) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

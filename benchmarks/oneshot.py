@@ -35,6 +35,7 @@ from prunegraph.passes.evaluation import multiple_choice, perplexity
 from prunegraph.passes.importance import score_groups
 from prunegraph.passes.prune import calibration_blocks
 from prunegraph.plan import Plan
+from prunegraph.runfolder import atomic_write_text
 from prunegraph.slicing import apply_plan
 from prunegraph.tasks import load_task
 from prunegraph.text import load_documents, split_documents, token_blocks
@@ -142,9 +143,7 @@ def main() -> None:
             "command": "python benchmarks/oneshot.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
             "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(data, indent=1))
     names = list(tasks)
     print(f"| model | params | ppl | {' | '.join(f'{t} acc / acc_norm' for t in names)} | "
           "prefill 512 (s) | speed-up | decode tok/s | speed-up |")

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
+from prunegraph.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
 SECTION = "## Targets on CPU: eager, fused, onnxruntime (SmolLM2-135M)"
@@ -216,9 +217,7 @@ def main() -> None:
     result["environment"]["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     section = _markdown(result)
     print(section)
     if args.docs:
