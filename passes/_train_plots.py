@@ -32,9 +32,16 @@ def write_plots(folder: Path, history: list[dict[str, Any]], family,
 
     out = []
     steps = [h["step"] for h in history]
+    polish = next((h["step"] for h in history if h.get("polish")), None)
+
+    def mark_polish(ax) -> None:
+        if polish is not None:
+            ax.axvline(polish, color="tab:red", ls=":", lw=1, label="polish starts")
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "ce", "kl"):
         ax.plot(steps, [h[key] for h in history], label=key)
+    mark_polish(ax)
     ax.set_xlabel("step")
     ax.set_title(f"{family.name}: training loss")
     ax.legend()
@@ -46,6 +53,7 @@ def write_plots(folder: Path, history: list[dict[str, Any]], family,
     ax.plot(steps, [h["achieved_sparsity"] for h in history], label="achieved (gate = 0)")
     ax.plot(steps, [h["expected_sparsity"] for h in history], label="expected (1 - mean s)")
     ax.axhline(family.target_sparsity(), color="k", ls="--", lw=1, label="target")
+    mark_polish(ax)
     ax.set_xlabel("step")
     ax.set_ylabel("sparsity of the gated pool")
     l1 = next((k for k in (history[0] if history else {}) if k.startswith("l1_")), None)

@@ -178,9 +178,10 @@ class GateObjective:
         return 1.0 - self.family.kept_fraction(self._masked(self.family.final_values()))
 
     def post_step(self, step: int, total: int) -> dict[str, Any]:
-        step, search, _ = self._search(step, total)
+        step, search, polishing = self._search(step, total)
         self.family.post_step()
-        return {"achieved_sparsity": self._achieved(), **self.family.schedule(step, search)}
+        return {"achieved_sparsity": self._achieved(), **self.family.schedule(step, search),
+                "polish": polishing}
 
     def state_dict(self) -> dict[str, Any]:
         return {"family": self.family.state_dict(), "extra": self.family.extra_state(),

@@ -72,10 +72,12 @@ def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     fam = state.gate_family
     forward_values = fam.forward_values
     fam.forward_values = lambda *a: seen.append(forward_values(*a)) or seen[-1]
-    _train(state, tmp_path, steps=12, polish_steps=4, source=corpus, plots=False)
+    _train(state, tmp_path, steps=12, polish_steps=4, source=corpus)
     lines = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["penalty"] != 0.0 for x in lines[1:8])          # step 1: multipliers at 0
     assert all(x["penalty"] == 0.0 for x in lines[8:])
+    assert [x["polish"] for x in lines] == [False] * 8 + [True] * 4
+    assert (tmp_path / "train" / "sparsity.png").stat().st_size > 1000
     trained = state.trained_gates
     Finalize()(state)
     planned = state.plan.gate_values()
