@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.pass_infra import Pass, PassResult, State, progress_bar, register_pass
+from prunegraph.runfolder import atomic_write_text
 
 __all__ = ["Train", "TrainingHalted", "Objective", "GateObjective", "lr_factor", "kd_loss"]
 
@@ -150,9 +151,11 @@ class GateObjective:
     def _polish_mask(self) -> dict[str, torch.Tensor]:
         from prunegraph.passes.finalize import plan_from_values
 
-        values = {n: v.detach().float().cpu() for n, v in self.family.final_values().items()}
+        final = self.family.final_values()
+        values = {n: v.detach().float().cpu() for n, v in final.items()}
         planned = plan_from_values(self.family, values, "topk", model=self.model).gate_values()
-        return {n: (planned[n] != 0).to(values[n].device) for n in values}
+        # on the gates' device and dtype once, so the per-forward multiply moves nothing
+        return {n: (planned[n] != 0).to(v.device, v.dtype) for n, v in final.items()}
 
     def _masked(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.mask is None:
@@ -497,7 +500,4 @@ class Train(Pass):
 
     @staticmethod
     def _write_metrics(folder: Path, history: list[dict[str, Any]]) -> None:
-        path = folder / "metrics.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, path)
+        atomic_write_text(folder / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))

@@ -50,11 +50,11 @@ class Load(Pass):
             raise SpecError(f"pass Load: device {self.device!r} asked for, but torch sees no "
                             f"CUDA GPU here; use device: auto (the GPU when there is one) or cpu")
 
-    def resolved_device(self, model_spec: str) -> str:
+    def resolved_device(self) -> str:
         """The device the model goes to (``auto`` resolved; ``meta`` models stay there)."""
         import torch
 
-        if model_spec.startswith("meta:"):
+        if self.model.startswith("meta:"):
             return "meta"
         if self.device != "auto":
             return self.device
@@ -66,7 +66,7 @@ class Load(Pass):
         from prunegraph.models import load_model
 
         model, tokenizer = load_model(self.model, dtype=getattr(torch, self.dtype))
-        device = self.resolved_device(self.model)
+        device = self.resolved_device()
         if device != "meta":
             model = model.to(device)
         state.model = model
