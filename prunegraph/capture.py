@@ -16,10 +16,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import logging
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
