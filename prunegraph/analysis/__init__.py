@@ -39,6 +39,8 @@ class Analysis:
     model_class: str
     seconds: dict[str, float] = field(default_factory=dict)
     propagation: Propagation | None = None
+    #: what the analysis decided that a person should know (spaces left out, and why)
+    notes: list[str] = field(default_factory=list)
 
     def prunable(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
@@ -60,6 +62,20 @@ class Analysis:
         names = {m.param for g in self.prunable() for m in g.members}
         return sum(math.prod(self.graph.shapes[n]) for n in names)
 
+    def fallback_pins(self) -> dict[str, list[str]]:
+        """Op -> the parameters whose spaces the conservative fallback pinned for it."""
+        prop = self.propagation
+        if prop is None or not prop.fallback:
+            return {}
+        out: dict[str, set[str]] = {}
+        for param, atoms in prop.param_atoms.items():
+            for a in atoms:
+                reason = prop.spaces.pinned(a) or ""
+                if "conservative fallback" in reason:
+                    op = reason.split(" has ", 1)[0]
+                    out.setdefault(op, set()).add(param)
+        return {op: sorted(ps) for op, ps in sorted(out.items())}
+
     def to_dict(self) -> dict:
         prunable = self.prunable_params()
         return {
@@ -68,25 +84,36 @@ class Analysis:
             "prunable_params": prunable,
             "fixed_params": self.total_params - prunable,
             "seconds": self.seconds,
+            "notes": list(self.notes),
+            "fallback": {op: list(nodes) for op, nodes in (self.propagation.fallback.items()
+                                                         if self.propagation else ())},
             "groups": [g.to_dict() for g in self.groups],
         }
 
 
 def analyze(model: torch.nn.Module, example_inputs: dict | None = None,
-            graph: Graph | None = None) -> Analysis:
+            graph: Graph | None = None, *, strict: bool = False) -> Analysis:
     """Capture ``model`` (unless ``graph`` is given) and discover its pruning groups.
+
+    Args:
+        strict: an op with no dimension rule that touches parameter spaces raises instead of
+            being pinned by the conservative fallback (which warns once, naming the ops).
 
     Raises:
         CaptureError: the model does not trace.
-        UnsupportedOpError: an op touching parameter spaces has no rule (message says how to add one).
+        UnsupportedOpError: ``strict`` and an op touching parameter spaces has no rule (the
+            message says how to add one).
     """
     t0 = time.perf_counter()
     graph = graph or capture(model, example_inputs)
     t1 = time.perf_counter()
-    prop = propagate(graph)
-    groups = build_groups(graph, prop)
+    prop = propagate(graph, strict=strict)
+    notes: list[str] = []
+    groups = build_groups(graph, prop, notes)
     t2 = time.perf_counter()
     total = sum(math.prod(s) for s in graph.shapes.values())
+    if graph.meta.get("attempt") not in (None, "dynamic batch and sequence"):
+        notes.insert(0, f"captured with {graph.meta['attempt']}")
     return Analysis(graph, groups, total, graph.model_class,
                     {"capture": round(graph.seconds if graph.seconds else t1 - t0, 3),
-                     "analysis": round(t2 - t1, 3)}, prop)
+                     "analysis": round(t2 - t1, 3)}, prop, notes)

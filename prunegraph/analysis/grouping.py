@@ -59,8 +59,16 @@ def _layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def build_groups(graph: Graph, prop: Propagation) -> list[Group]:
-    """Turn the propagated spaces into :class:`Group` objects (prunable and pinned)."""
+def build_groups(graph: Graph, prop: Propagation, notes: list[str] | None = None) -> list[Group]:
+    """Turn the propagated spaces into :class:`Group` objects (prunable and pinned).
+
+    A free space that no member reads as an input has no gate site: its parameters are unused
+    by the traced forward (an encoder's or a cross-attention's, when an encoder-decoder model
+    runs as a causal LM) or only written. It is left out, with a line in ``notes``.
+    """
+    notes = notes if notes is not None else []
+    used = {graph.param_of(n.name) for n in graph.fx.nodes if n.op == "placeholder" and n.users}
+    unused_left_out: list[str] = []
     sp = prop.spaces
     occurrences: dict[int, list[_Occurrence]] = defaultdict(list)  # leaf factor -> where
     all_occ: list[_Occurrence] = []
@@ -118,6 +126,15 @@ def build_groups(graph: Graph, prop: Propagation) -> list[Group]:
         group = _make_group(graph, prop, head, chain, occurrences[head], expert_heads)
         if group is None:
             continue
+        if not group.gate_site:
+            params = sorted({m.param for m in group.members})
+            if all(p not in used for p in params):
+                unused_left_out.extend(params)
+            else:
+                notes.append(f"left out a space of {group.size} units in {', '.join(params[:3])}"
+                             f"{' ...' if len(params) > 3 else ''}: no parameter reads it as an "
+                             f"input in the traced forward, so no gate can be placed")
+            continue
         groups.append(group)
         for occ in occurrences[head]:
             facs = [sp.find(f) for f in occ.factors]
@@ -129,6 +146,11 @@ def build_groups(graph: Graph, prop: Propagation) -> list[Group]:
         group = _make_pinned_group(graph, prop, head, occurrences[head])
         if group is not None:
             groups.append(group)
+    if unused_left_out:
+        names = sorted(set(unused_left_out))
+        notes.append(f"{len(names)} parameters are not used by the traced forward (an encoder's or "
+                     f"cross-attention's in a model run as a causal LM): left out of every group "
+                     f"(e.g. {', '.join(names[:3])})")
     _name_groups(groups)
     return groups
 

@@ -23,7 +23,8 @@ import torch
 
 from prunegraph.analysis.spaces import Spaces
 
-__all__ = ["Value", "RuleContext", "rule", "get_rule", "registered_ops", "Origin"]
+__all__ = ["Value", "RuleContext", "rule", "family", "get_rule", "registered_ops", "rule_functions",
+           "Origin"]
 
 #: (parameter name, parameter dim) a tensor dim is a direct view of.
 Origin = tuple[str, int]
@@ -74,6 +75,26 @@ class RuleContext:
             return self.node.args[i]
         return default
 
+    def param(self, name: str, default=None):
+        """An argument by its schema name (``dim``, ``keepdim``), wherever the call put it."""
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None:
+            for i, arg in enumerate(schema.arguments):
+                if arg.name == name:
+                    return self.node.args[i] if i < len(self.node.args) else default
+        return default
+
+    def tensor_inputs(self) -> list[tuple[Any, Value]]:
+        """Every (fx node, Value) among the positional and keyword arguments, in order."""
+        out = []
+        for a in torch.utils._pytree.tree_leaves((self.node.args, self.node.kwargs)):
+            v = self.value(a)
+            if v is not None:
+                out.append((a, v))
+        return out
+
     def value(self, a) -> Value | None:
         if isinstance(a, torch.fx.Node):
             v = self.values.get(a.name)
@@ -111,16 +132,23 @@ class RuleContext:
 
 _RULES: dict[Any, Callable[[RuleContext], Any]] = {}
 _SOURCES: dict[Any, str] = {}
+#: (predicate over an OpOverload, rule): rules for whole families of ops, read from PyTorch's
+#: own op metadata (``torch.Tag.pointwise``, ``torch.Tag.reduction``), tried after exact rules.
+_FAMILIES: list[tuple[Callable[[Any], bool], Callable[[RuleContext], Any], str]] = []
+
+
+def _source_of(fn) -> str:
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (OSError, TypeError):
+        return fn.__qualname__
 
 
 def rule(*ops):
     """Register ``fn(ctx) -> Value | tuple[Value, ...]`` as the rule for ``ops``."""
 
     def decorator(fn):
-        try:
-            src = f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
-        except (OSError, TypeError):
-            src = fn.__qualname__
+        src = _source_of(fn)
         for op in ops:
             if op is None:  # an op this torch build does not have
                 continue
@@ -131,15 +159,56 @@ def rule(*ops):
     return decorator
 
 
+def family(predicate: Callable[[Any], bool]):
+    """Register ``fn(ctx)`` for every op ``predicate(op)`` accepts that has no exact rule.
+
+    Example: ``@family(lambda op: torch.Tag.pointwise in op.tags)`` covers every elementwise op
+    PyTorch tags, including ones added after this was written.
+    """
+
+    def decorator(fn):
+        _FAMILIES.append((predicate, fn, _source_of(fn)))
+        return fn
+
+    return decorator
+
+
+def _family_of(op):
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    for predicate, fn, src in _FAMILIES:
+        try:
+            if predicate(op):
+                return fn, src
+        except Exception:  # an op whose metadata a predicate cannot read is not in its family
+            continue
+    return None
+
+
 def get_rule(op) -> Callable[[RuleContext], Any] | None:
     fn = _RULES.get(op)
     if fn is None and hasattr(op, "overloadpacket"):
         fn = _RULES.get(op.overloadpacket)
+    if fn is None:
+        found = _family_of(op)
+        fn = found[0] if found else None
     return fn
 
 
 def rule_source(op) -> str:
-    return _SOURCES.get(op) or _SOURCES.get(getattr(op, "overloadpacket", None), "?")
+    src = _SOURCES.get(op) or _SOURCES.get(getattr(op, "overloadpacket", None))
+    if src is None:
+        found = _family_of(op)
+        src = found[1] if found else "?"
+    return src
+
+
+def rule_functions() -> dict[str, Callable[[RuleContext], Any]]:
+    """Every distinct rule function (exact and family), by qualified name: what a test that
+    claims to exercise every rule must cover."""
+    fns = {f"{fn.__module__}.{fn.__qualname__}": fn for fn in _RULES.values()}
+    fns.update({f"{fn.__module__}.{fn.__qualname__}": fn for _, fn, _ in _FAMILIES})
+    return fns
 
 
 def registered_ops() -> list[str]:

@@ -52,7 +52,16 @@ def _carry(v: Value, atoms=None, keep_origins: bool = True) -> Value:
       aten.le.Scalar, aten.bitwise_not.default, aten.logical_not.default, aten.sin.default,
       aten.cos.default, aten.erf.default, aten.reciprocal.default, aten.sign.default)
 def _unary(ctx: RuleContext) -> Value:
-    return _carry(ctx.input(0))
+    """Same dims in and out. Only value-preserving ops (dtype casts, copies) stay views of a
+    parameter: a matmul with ``exp(A_log)`` is not a place a gate on ``A_log`` can fold into."""
+    return _carry(ctx.input(0), keep_origins=ctx.node.target in _VALUE_PRESERVING)
+
+
+_VALUE_PRESERVING = {op for op in (
+    aten.dropout.default, aten.alias.default, aten.contiguous.default, aten.clone.default,
+    aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.type_as.default, aten.float.default,
+    aten.lift_fresh_copy.default) if op is not None}
 
 
 def _is_tensor(ctx: RuleContext, a) -> bool:
@@ -72,12 +81,11 @@ def _is_tensor(ctx: RuleContext, a) -> bool:
 def _broadcast(ctx: RuleContext) -> Value:
     """Elementwise with broadcasting: equal dims unify, size-1 dims broadcast."""
     shape = ctx.meta_shape()
-    ins = [(a, ctx.value(a)) for a in ctx.node.args if ctx.value(a) is not None]
+    ins = ctx.tensor_inputs()
     if not ins:
         return Value(ctx.fresh(shape))
     ndim = len(shape)
     atoms: list[int | None] = [None] * ndim
-    origins = [None] * ndim
     for a, v in ins:
         in_shape = ctx.meta_shape(a)
         off = ndim - len(in_shape)
@@ -87,67 +95,31 @@ def _broadcast(ctx: RuleContext) -> Value:
                 continue
             if atoms[o] is None:
                 atoms[o] = v.atoms[d]
-                origins[o] = v.origins[d]
             else:
                 ctx.unify(atoms[o], v.atoms[d], "elementwise operands disagree")
-                origins[o] = origins[o] or v.origins[d]
         # a 1-D parameter multiplying / adding along a dim is a norm weight / bias
         for d in range(len(in_shape)):
             if v.origins[d] is not None:
                 role = "norm" if ctx.node.target in (aten.mul.Tensor, aten.mul_.Tensor) else "bias"
                 ctx.use(v, d, role)
     atoms = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
-    # arithmetic on index tensors no longer names the same entries: drop the value space
-    return Value(atoms, origins, None, any(v.param_dep for _, v in ins))
+    # arithmetic on index tensors no longer names the same entries: drop the value space; a
+    # result computed from a parameter is no longer a view of it (origins only follow views)
+    return Value(atoms, [None] * ndim, None, any(v.param_dep for _, v in ins))
 
 
-# ---- reductions -----------------------------------------------------------------------------
-def _reduce(ctx: RuleContext, pin_why: str | None) -> Value:
-    v = ctx.input(0)
-    dims = ctx.kwarg("dim", 1, None)
-    keepdim = bool(ctx.kwarg("keepdim", 2, False))
-    if dims is None:
-        dims = list(range(v.ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    dims = {_norm_dim(d, v.ndim) for d in dims}
-    atoms, origins = [], []
-    for d in range(v.ndim):
-        if d in dims:
-            if pin_why:
-                ctx.pin(v.atoms[d], pin_why)
-            if keepdim:
-                atoms.append(ctx.spaces.new(1))
-                origins.append(None)
-        else:
-            atoms.append(v.atoms[d])
-            origins.append(v.origins[d])
-    return Value(atoms, origins, None, v.param_dep)
-
-
-@rule(aten.mean.dim, aten.var.correction, aten.var.dim, aten.std.correction,
-      aten.amax.default, aten.amin.default, aten.logsumexp.default, aten.mean.default,
-      aten.var_mean.correction, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)
-def _normalising_reduction(ctx: RuleContext) -> Value:
-    return _reduce(ctx, "normalised over (the statistic changes if units are removed)")
-
-
-@rule(aten.sum.dim_IntList, aten.sum.default)
-def _sum(ctx: RuleContext) -> Value:
-    return _reduce(ctx, None)
-
-
+# ---- reductions, scans: see rules_families.py (the reduction family, cumsum and friends) ------
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
 def _softmax(ctx: RuleContext) -> Value:
+    """Normalises over a dim: removing a unit changes every other unit's value, so the dim is
+    pinned, unless it is a routed experts space (router logits come before the top-k)."""
     v = ctx.input(0)
     d = _norm_dim(ctx.arg(1), v.ndim)
     ctx.spaces.flag(v.atoms[d], "softmax", ctx.module)
+    if ctx.spaces.static_size(v.atoms[d]) not in (None, 1):
+        ctx.spaces.pin_unless_routed(v.atoms[d], f"normalised by a softmax ({ctx.node.name} in "
+                                                 f"{ctx.module or 'the model'})")
     return _carry(v)
-
-
-@rule(aten.cumsum.default)
-def _cumsum(ctx: RuleContext) -> Value:
-    return _carry(ctx.input(0))
 
 
 # ---- linear algebra -----------------------------------------------------------------------
@@ -186,6 +158,11 @@ def _matmul(ctx: RuleContext) -> Value:
     ctx.use(b, b.ndim - 2, "consumer")
     ctx.use(a, a.ndim - 2, "producer")
     ctx.use(b, b.ndim - 1, "producer")
+    if a.origins[-1] is None and b.origins[-2] is None and \
+            ctx.spaces.static_size(a.atoms[-1]) not in (None, 1):
+        # two activations contracted (q @ k^T): no parameter slice is a gate site for it
+        ctx.spaces.pin_unless_routed(a.atoms[-1], f"contracted between activations "
+                                                  f"({ctx.node.name} in {ctx.module or 'the model'})")
     batch = len(shape) - 2
     atoms: list[int] = []
     for i in range(batch):
@@ -227,7 +204,13 @@ def _sdpa(ctx: RuleContext):
     ctx.unify(q.atoms[-1], k.atoms[-1], "query/key head_dim")
     ctx.pin(q.atoms[-1], "head_dim: contracted in q.k with a scale set by its size")
     ctx.unify(k.atoms[-2], v.atoms[-2], "key/value sequence")
-    # the attention mask is data over (batch, heads?, q, k): it never carries parameter spaces
+    # the mask / bias over (batch, heads, q, k): a learned bias per head (ALiBi slopes, relative
+    # positions) must follow the heads it is added to
+    mask = ctx.value(ctx.kwarg("attn_mask", 3))
+    if mask is not None and mask.ndim == q.ndim:
+        mshape = ctx.meta_shape(ctx.kwarg("attn_mask", 3))
+        if as_size(mshape[-3]) != 1:
+            ctx.unify(mask.atoms[-3], hq, "attention bias heads")
     out = [*q.atoms[:-1], v.atoms[-1]]
     if ctx.node.target is aten.scaled_dot_product_attention.default:
         return Value(out, [], None, True)
@@ -426,6 +409,8 @@ def _cut(ctx: RuleContext, atom: int, start, length) -> int:
         return atom
     if not (getattr(size, "is_Integer", False)):
         return sp.new(length)  # slicing a token dim: unrelated to parameter spaces
+    if not (getattr(start, "is_Integer", False) and getattr(length, "is_Integer", False)):
+        raise Conflict("a slice of a fixed-size space with bounds known only at run time")
     segs = sp.segments(atom)
     pos = as_size(0)
     bounds = []
@@ -466,7 +451,8 @@ def _slice(ctx: RuleContext) -> Value:
     origins = list(v.origins)
     if out_size == in_size:
         return Value(atoms, origins, v.value_space, v.param_dep)
-    if step != 1 or not isinstance(start, int):
+    if step != 1 or not isinstance(start, int) or not getattr(out_size, "is_Integer", False):
+        # strided, or bounds known only at run time (``Min(N, s)``): no segment to name
         if getattr(in_size, "is_Integer", False):
             ctx.pin(v.atoms[d], "strided or data-dependent slice")
         atoms[d] = ctx.spaces.new(out_size)
@@ -557,7 +543,7 @@ def _sort(ctx: RuleContext):
     v = ctx.input(0)
     d = _norm_dim(ctx.kwarg("dim", 1, -1), v.ndim)
     if ctx.spaces.static_size(v.atoms[d]) not in (None, 1):
-        ctx.pin(v.atoms[d], "sorted over")
+        ctx.spaces.pin_unless_routed(v.atoms[d], f"sorted over ({ctx.node.name})")
     atoms = list(v.atoms)
     return (Value(atoms, [], v.value_space, True), Value(list(atoms), [], None, True))
 
@@ -568,6 +554,9 @@ def _histc(ctx: RuleContext) -> Value:
     bins = ctx.kwarg("bins", 1, 100)
     if v.value_space is not None and ctx.spaces.size(v.value_space) == bins:
         return Value([v.value_space], [], None, True)
+    for a in v.atoms:  # a histogram of plain values mixes every entry
+        if ctx.spaces.static_size(a) not in (None, 1):
+            ctx.pin(a, "counted into a histogram")
     return Value(ctx.fresh([bins]), [], None, True)
 
 
@@ -589,18 +578,27 @@ def _index(ctx: RuleContext) -> Value:
             ctx.pin(x.atoms[d], "gathered by a data-dependent index")
     first, last = present[0], present[-1]
     idx_ndim = len(shape) - (x.ndim - len(present))
+    idx_shapes = {tuple(as_size(s) for s in ctx.meta_shape(indices[d])) for d in present}
     idx_atoms = ctx.fresh(shape[first:first + idx_ndim])
+    if len(idx_shapes) == 1 and idx_vals[first].ndim == idx_ndim:
+        idx_atoms = list(idx_vals[first].atoms)  # out[i, j] = x[idx[i, j]]: the index's dims
+        for d in present[1:]:
+            for a, b in zip(idx_atoms, idx_vals[d].atoms):
+                ctx.unify(a, b, "index tensors")
     lead = x.atoms[:first]
     tail = x.atoms[last + 1:]
     atoms = lead + idx_atoms + tail
-    if len(atoms) != len(shape):
-        atoms = ctx.fresh(shape)
-    return Value(atoms, [], None, x.param_dep)
+    origins = x.origins[:first] + [None] * len(idx_atoms) + x.origins[last + 1:]
+    if len(atoms) != len(shape) or present != list(range(first, last + 1)):
+        for a in x.atoms:  # advanced indexing with gaps moves dims: keep nothing, pin inputs
+            if ctx.spaces.static_size(a) not in (None, 1):
+                ctx.pin(a, "indexed in a layout the rule does not follow")
+        atoms, origins = ctx.fresh(shape), []
+    # the values of an indexed index tensor still name the same space
+    return Value(atoms, origins, x.value_space, x.param_dep)
 
 
-@rule(aten.index_put_.default, aten.index_put.default, aten.empty_like.default,
-      aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-      aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
+@rule(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
 def _like(ctx: RuleContext) -> Value:
     """Fresh tensors shaped like the input: same dims, no values carried."""
     v = ctx.input(0)
@@ -612,7 +610,14 @@ def _like(ctx: RuleContext) -> Value:
 
 @rule(aten.diff.default)
 def _diff(ctx: RuleContext) -> Value:
-    return Value(ctx.fresh(ctx.meta_shape()))
+    """Differences of neighbours along a dim: that dim is mixed, the others pass through."""
+    v = ctx.input(0)
+    d = _norm_dim(ctx.kwarg("dim", 2, -1), v.ndim)
+    if ctx.spaces.static_size(v.atoms[d]) not in (None, 1):
+        ctx.pin(v.atoms[d], "differenced along")
+    atoms = list(v.atoms)
+    atoms[d] = ctx.spaces.new(ctx.meta_shape()[d])
+    return Value(atoms, [], None, v.param_dep)
 
 
 def _grouped_mm(ctx: RuleContext) -> Value:
@@ -638,6 +643,6 @@ except (ImportError, AttributeError):  # pragma: no cover - older transformers
 
 @rule(aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
       aten._assert_tensor_metadata.default, aten._assert_scalar.default,
-      aten.sym_constrain_range_for_size.default, aten._local_scalar_dense.default, aten.item.default)
+      aten.sym_constrain_range_for_size.default)
 def _scalar(ctx: RuleContext):
     return None

@@ -20,19 +20,42 @@ from dataclasses import dataclass, field
 
 import sympy
 
-__all__ = ["Spaces", "Size", "as_size"]
+__all__ = ["Spaces", "Size", "as_size", "is_static"]
 
 Size = sympy.Expr
 
 
 def as_size(value) -> Size:
-    """A dim size as a sympy expression (ints stay exact, SymInts become their expression)."""
+    """A dim size as a sympy expression (ints stay exact, SymInts become their expression).
+
+    An FX node standing for a size (``sym_size``, arithmetic on sizes) is read through the
+    value torch.export recorded for it; a size known only at run time becomes a fresh symbol,
+    so the algebra never fails on it (it just relates it to nothing).
+    """
+    if isinstance(value, bool):
+        return sympy.Integer(int(value))
     if isinstance(value, int):
         return sympy.Integer(value)
+    if isinstance(value, sympy.Basic):
+        return value
     node = getattr(value, "node", None)
     if node is not None and hasattr(node, "expr"):
         return sympy.sympify(node.expr)
-    return sympy.sympify(value)
+    meta = getattr(value, "meta", None)
+    if isinstance(meta, dict):  # a torch.fx.Node
+        val = meta.get("val")
+        if val is not None and not hasattr(val, "shape"):
+            return as_size(val)
+        return sympy.Symbol(f"runtime_{getattr(value, 'name', 'size')}", positive=True, integer=True)
+    try:
+        return sympy.sympify(value)
+    except (sympy.SympifyError, TypeError):
+        return sympy.Symbol(f"runtime_{id(value)}", positive=True, integer=True)
+
+
+def is_static(size) -> bool:
+    """Whether a size is a plain integer (not a batch / sequence / data-dependent expression)."""
+    return bool(getattr(as_size(size), "is_Integer", False))
 
 
 def _is_static(size: Size) -> bool:
@@ -43,8 +66,11 @@ def _divides(small: Size, big: Size) -> Size | None:
     """``big / small`` if it is exact (integer or a monomial with no fraction), else None."""
     if small == 0:
         return None
-    q = sympy.cancel(big / small)
-    num, den = sympy.fraction(q)
+    try:
+        q = sympy.cancel(big / small)
+        num, den = sympy.fraction(q)
+    except (TypeError, ValueError, sympy.PolynomialError):  # Min(N, s) and other non-polynomials
+        return None
     if den != 1:
         return None
     if q.is_Integer and int(q) < 1:
@@ -65,6 +91,7 @@ class Spaces:
 
     def __init__(self) -> None:
         self._atoms: list[_Atom] = []
+        self._deferred: list[tuple[int, str]] = []
 
     # ---- basics -------------------------------------------------------------------------
     def new(self, size, **flags: str) -> int:
@@ -102,6 +129,18 @@ class Spaces:
         for leaf in self.leaves(a):
             self.flag(leaf, "pinned", reason)
         self.flag(a, "pinned", reason)
+
+    def pin_unless_routed(self, a: int, reason: str) -> None:
+        """Pin ``a`` at the end of propagation unless it turns out to be a routed experts space
+        (chosen by ``topk``): a softmax or a sum over experts comes before or after the top-k,
+        and removing an expert masks its router logit, which both respect."""
+        self._deferred.append((a, reason))
+
+    def resolve_deferred(self) -> None:
+        for a, reason in self._deferred:
+            if "topk" not in self.flags(a):
+                self.pin(a, reason)
+        self._deferred.clear()
 
     def pinned(self, a: int) -> str | None:
         return self.flags(a).get("pinned")

@@ -1,4 +1,5 @@
-"""Bad input fails early and clearly: untraceable models and ops without a rule."""
+"""Bad input fails early and clearly: untraceable models; ops without a rule are pinned with one
+warning (or, in strict mode, an error that says how to register a rule)."""
 
 from __future__ import annotations
 
@@ -21,35 +22,63 @@ class _TinyLM(torch.nn.Module):
         return self.head(self.body(self.proj(self.embed(input_ids))))
 
 
-class _Cumprod(torch.nn.Module):
+@torch.library.custom_op("prunegraph_test::reverse", mutates_args=())
+def _reverse(x: torch.Tensor) -> torch.Tensor:
+    """An op nobody wrote a dimension rule for: it reverses (mixes) the last dim."""
+    return x.flip(-1)
+
+
+@_reverse.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Reverse(torch.nn.Module):
     def forward(self, x):
-        return torch.cumprod(x, dim=-1)
+        return torch.ops.prunegraph_test.reverse(x)
 
 
-def test_op_without_rule_names_op_node_module_and_fix():
-    model = _TinyLM(_Cumprod())
+def _ids():
+    return {"input_ids": torch.randint(0, 16, (2, 5))}
+
+
+def test_op_without_rule_is_pinned_with_one_warning(caplog):
+    with caplog.at_level("WARNING", logger="prunegraph"):
+        a = analyze(_TinyLM(_Reverse()), _ids())
+    warnings = [r for r in caplog.records if "no dimension rule" in r.getMessage()]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "prunegraph_test.reverse" in msg and "@rule(" in msg and "strict=True" in msg
+    # the op's spaces are pinned (never guessed), the rest of the model stays analysable
+    assert all(g.size != 12 for g in a.prunable())
+    assert a.fallback_pins() == {"prunegraph_test.reverse.default": ["head.weight", "proj.bias",
+                                                                     "proj.weight"]}
+    assert list(a.propagation.fallback) == ["prunegraph_test.reverse.default"]
+
+
+def test_strict_mode_names_op_node_module_and_fix():
     with pytest.raises(UnsupportedOpError) as e:
-        analyze(model, {"input_ids": torch.randint(0, 16, (2, 5))})
+        analyze(_TinyLM(_Reverse()), _ids(), strict=True)
     msg = str(e.value)
-    assert "aten.cumprod" in msg and "body" in msg and "@rule(" in msg
+    assert "prunegraph_test.reverse" in msg and "body" in msg and "@rule(" in msg
 
 
 def test_registered_rule_makes_the_op_supported():
     from prunegraph.analysis import registry
 
-    model = _TinyLM(_Cumprod())
-    op = torch.ops.aten.cumprod.default
+    op = torch.ops.prunegraph_test.reverse.default
     try:
         @registry.rule(op)
-        def _cumprod(ctx):  # cumulative product along a dim: that dim's units are mixed
+        def _reverse_rule(ctx):  # the reversed dim's units change places: pinned, others pass
             v = ctx.input(0)
-            ctx.pin(v.atoms[ctx.arg(1)], "cumulative product over")
+            ctx.pin(v.atoms[-1], "reversed")
             return ctx.input(0)
 
-        a = analyze(model, {"input_ids": torch.randint(0, 16, (2, 5))})
+        a = analyze(_TinyLM(_Reverse()), _ids(), strict=True)
         assert all(g.size != 12 for g in a.prunable())
         sp = a.propagation.spaces
-        assert "cumulative product" in sp.pinned(a.propagation.param_atoms["proj.weight"][0])
+        assert "reversed" in sp.pinned(a.propagation.param_atoms["proj.weight"][0])
+        assert not a.propagation.fallback
         (hidden,) = [g for g in a.groups if g.size == 8]
         assert hidden.kind == "hidden" and hidden.prunable  # no norm here: hidden is free
     finally:
