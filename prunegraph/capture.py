@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.export import Dim
-
 from prunegraph.errors import CaptureError
 
 __all__ = ["Graph", "capture", "module_path", "canonical_parameters"]
@@ -134,6 +132,16 @@ def _export_friendly(model: torch.nn.Module):
             setattr(config, key, value)
 
 
+def _special_ids(config) -> set[int]:
+    """Token ids the config names (pad, bos, image placeholders ...): random inputs avoid them,
+    so a multimodal model does not look for image features that are not there."""
+    ids: set[int] = set()
+    for key, value in (vars(config).items() if config is not None else ()):
+        if (key.endswith("token_id") or key.endswith("token_index")) and isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
 def _example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or 2
@@ -141,74 +149,51 @@ def _example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    ids = torch.randint(0, int(vocab), (batch, seq), device="cpu")
+    allowed = [i for i in range(int(vocab)) if i not in _special_ids(config)] or [0]
+    pick = torch.randint(0, len(allowed), (batch, seq), device="cpu")
+    ids = torch.tensor(allowed)[pick]
     return {"input_ids": ids.to(device)}
-
-
-def _dynamic_shapes(kwargs: dict, auto: bool) -> dict:
-    """Symbolic batch and sequence dims for ``input_ids`` (and a same-shaped attention mask):
-    named ranges, or ``Dim.AUTO`` where export may narrow or specialise them."""
-    shapes: dict = {k: None for k in kwargs}
-    if "input_ids" in kwargs:
-        shapes["input_ids"] = ({0: Dim.AUTO, 1: Dim.AUTO} if auto else
-                               {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=1 << 17)})
-    if "attention_mask" in kwargs:
-        shapes["attention_mask"] = shapes["input_ids"]
-    return shapes
-
-
-def _export(model: torch.nn.Module, kwargs: dict, shapes: dict | None):
-    with _export_friendly(model), torch.no_grad():
-        return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-
-
-def _constraint_violation(error: Exception) -> bool:
-    """Whether export failed only because a guard narrows a named dynamic dim's range."""
-    kind = getattr(error, "error_type", None)
-    return getattr(kind, "name", "") == "CONSTRAINT_VIOLATION" or \
-        "Constraints violated" in str(error)
 
 
 def capture(model: torch.nn.Module, example_inputs: dict | None = None, *,
             dynamic: bool = True, batch: int = 2, seq: int = 16) -> Graph:
     """Export ``model`` to an ATen-level FX graph with parameters mapped to their names.
 
+    Export is tried the ways the model allows (``prunegraph.export_attempts``): dynamic batch
+    and sequence first, then fewer dynamic dims, static shapes, and a strict trace; the graph
+    records which attempt worked in ``meta["attempt"]``.
+
     Args:
         model: a causal LM (``forward(input_ids=...)`` returning logits); any device, ``meta`` too.
         example_inputs: keyword inputs for the trace; by default random ``input_ids``.
-        dynamic: make the batch and sequence dims symbolic.
+        dynamic: make the batch and sequence dims symbolic (where the model allows it).
 
     Raises:
-        CaptureError: torch.export failed; the message names the model class and the construct.
+        CaptureError: every attempt failed; the message names the model class, the construct
+            and each attempt with its error.
     """
+    from prunegraph.export_attempts import AllAttemptsFailed, export_with_fallbacks
+
     inputs = dict(example_inputs) if example_inputs else _example_inputs(model, batch, seq)
     kwargs = dict(inputs)
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
-    shapes = _dynamic_shapes(kwargs, auto=False) if dynamic else None
     cls = type(model).__name__
     start = time.perf_counter()
     try:
-        try:
-            program = _export(model, kwargs, shapes)
-        except Exception as e:  # torch.export raises many unrelated types
-            if shapes is None or not _constraint_violation(e):
-                raise
-            # The model's code guards the sequence length in a way this torch cannot prove for
-            # the whole named range (e.g. torch 2.11 with transformers 5.17 on SmolLM2):
-            # automatic dims let export narrow the range or specialise instead of failing.
-            log.warning("capture of %s: %s; retrying with automatic dynamic dims", cls,
-                        str(e).strip().splitlines()[0])
-            program = _export(model, kwargs, _dynamic_shapes(kwargs, auto=True))
-    except Exception as e:  # torch.export raises many unrelated types
-        where = _user_frame(e)
+        program, attempt, failures = export_with_fallbacks(model, kwargs, dynamic=dynamic)
+    except AllAttemptsFailed as group:
+        first = group.failures[0][1]
+        where = _user_frame(first)
+        tried = "; ".join(f"[{name}] {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:200]}"
+                          for name, e in group.failures)
         raise CaptureError(
-            f"could not capture {cls} with torch.export: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{where}. "
-            "prunegraph needs a model whose forward traces with torch.export (non-strict). "
+            f"could not capture {cls} with torch.export{where}. Tried: {tried}. "
+            "prunegraph needs a model whose forward traces with torch.export. "
             "Common fixes: load it with attn_implementation='sdpa' or 'eager', disable custom "
             "kernels (trust_remote_code models), or pass example_inputs that match its forward."
-        ) from e
+        ) from first
     seconds = time.perf_counter() - start
 
     canon, aliases = canonical_parameters(model)
@@ -218,9 +203,13 @@ def capture(model: torch.nn.Module, example_inputs: dict | None = None, *,
     buffer_names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     named = dict(model.named_parameters(remove_duplicate=False))
     shapes_by_name = {canon[n]: tuple(named[n].shape) for n in named}
-    log.info("captured %s in %.1fs (%d nodes)", cls, seconds, len(program.graph.nodes))
+    log.info("captured %s in %.1fs (%d nodes) with %s", cls, seconds, len(program.graph.nodes),
+             attempt)
     return Graph(program=program, param_names=param_names, buffer_names=buffer_names,
-                 aliases=aliases, shapes=shapes_by_name, model_class=cls, seconds=seconds)
+                 aliases=aliases, shapes=shapes_by_name, model_class=cls, seconds=seconds,
+                 meta={"attempt": attempt, "failed_attempts": [
+                     (name, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+                     for name, e in failures]})
 
 
 def _user_frame(e: BaseException) -> str:
