@@ -55,8 +55,8 @@ LAYER_ATTRIBUTES: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "heads": [(("num_heads", "num_attention_heads", "n_head", "n_heads"), "q_heads"),
               (("num_key_value_heads", "num_kv_heads", "n_kv_heads"), "kv_heads"),
               (("num_key_value_groups",), "q_per_kv"),
-              (("split_size",), "q_width")],
-    "channels": [(("intermediate_size", "ffn_dim"), "units")],
+              (("split_size", "all_head_size"), "q_width")],
+    "channels": [(("intermediate_size", "ffn_dim", "time_step_rank"), "units")],
     "shared_expert_channels": [(("intermediate_size",), "units")],
     "experts": [(("num_experts", "num_local_experts"), "units")],
     "expert_channels": [(("intermediate_dim", "intermediate_size", "moe_intermediate_size"),
@@ -173,6 +173,12 @@ def _shape_attributes(module: nn.Module) -> None:
             setattr(module, attr, int(p.shape[dim]))
     if isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        # a depthwise conv (one filter per channel, SSM causal convs) keeps groups = channels
+        depthwise = module.groups == module.in_channels == module.out_channels
+        module.out_channels = int(module.weight.shape[0])
+        module.groups = module.out_channels if depthwise else module.groups
+        module.in_channels = int(module.weight.shape[1]) * module.groups
 
 
 def _layer_attributes(model: nn.Module, plan: Plan) -> int:
