@@ -110,7 +110,7 @@ def build_groups(graph: Graph, prop: Propagation, notes: list[str] | None = None
             chain.append(children[chain[-1]][0])
         return chain
 
-    expert_heads = {sp.find(a) for a in occurrences if "topk" in sp.flags(a) and free(a)}
+    expert_heads = {sp.find(a) for a in occurrences if sp.routed(a) and free(a)}
     groups: list[Group] = []
     used_inner: set[int] = set()
     pending_pinned: list[int] = []
@@ -203,6 +203,12 @@ def _make_group(graph: Graph, prop: Propagation, head: int, chain: list[int],
         blocks.append(inner)
     if not members:
         return None
+    if experts is not None and any(m.expert_dim is None for m in members):
+        # the space also lives outside the expert tensors (a hidden size the experts share):
+        # one unit spans every expert, it is not chosen per expert
+        members = [Member(m.param, m.dim, m.offset, m.inner, m.stride, m.div, m.role, None)
+                   for m in members]
+        experts = topk = None
     if is_experts:
         members = _expert_roles(graph, prop, members)
         kind = "experts"

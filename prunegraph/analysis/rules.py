@@ -455,7 +455,8 @@ def _slice(ctx: RuleContext) -> Value:
         # strided, or bounds known only at run time (``Min(N, s)``): no segment to name
         if getattr(in_size, "is_Integer", False):
             ctx.pin(v.atoms[d], "strided or data-dependent slice")
-        atoms[d] = ctx.spaces.new(out_size)
+        atoms[d] = ctx.spaces.new(out_size, **({"pinned": "strided or data-dependent slice"}
+                                                if getattr(out_size, "is_Integer", False) else {}))
     else:
         if start < 0:
             start = int(in_size) + start
@@ -533,8 +534,13 @@ def _topk(ctx: RuleContext):
     d = _norm_dim(ctx.kwarg("dim", 2, -1), v.ndim)
     sel = v.atoms[d]
     ctx.spaces.flag(sel, "topk", str(k))
+    # the largest units are picked: removing one changes the pick, unless the space is routed
+    # (the ids select experts' weights; removing an expert masks its router logit)
+    if ctx.spaces.static_size(sel) not in (None, 1):
+        ctx.spaces.pin_unless_routed(sel, f"top-k picked over ({ctx.node.name} in "
+                                          f"{ctx.module or 'the model'})")
     atoms = list(v.atoms)
-    atoms[d] = ctx.spaces.new(k)
+    atoms[d] = ctx.spaces.new(k, pinned=f"top-k slots ({ctx.node.name})")
     return (Value(list(atoms), [], None, True), Value(list(atoms), [], sel, True))
 
 
@@ -553,11 +559,12 @@ def _histc(ctx: RuleContext) -> Value:
     v = ctx.input(0)
     bins = ctx.kwarg("bins", 1, 100)
     if v.value_space is not None and ctx.spaces.size(v.value_space) == bins:
+        ctx.spaces.flag(v.value_space, "routed", ctx.node.name)
         return Value([v.value_space], [], None, True)
     for a in v.atoms:  # a histogram of plain values mixes every entry
         if ctx.spaces.static_size(a) not in (None, 1):
             ctx.pin(a, "counted into a histogram")
-    return Value(ctx.fresh([bins]), [], None, True)
+    return Value([ctx.spaces.new(bins, pinned=f"histogram bins ({ctx.node.name})")], [], None, True)
 
 
 @rule(aten.index.Tensor)
@@ -574,12 +581,13 @@ def _index(ctx: RuleContext) -> Value:
         iv = idx_vals[d]
         if iv.value_space is not None:
             ctx.unify(x.atoms[d], iv.value_space, "gathered by routed index")
+            ctx.spaces.flag(x.atoms[d], "routed", ctx.node.name)
         elif ctx.spaces.static_size(x.atoms[d]) not in (None, 1):
             ctx.pin(x.atoms[d], "gathered by a data-dependent index")
     first, last = present[0], present[-1]
     idx_ndim = len(shape) - (x.ndim - len(present))
     idx_shapes = {tuple(as_size(s) for s in ctx.meta_shape(indices[d])) for d in present}
-    idx_atoms = ctx.fresh(shape[first:first + idx_ndim])
+    idx_atoms = ctx.fresh(shape[first:first + idx_ndim], pinned=f"indexed ({ctx.node.name})")
     if len(idx_shapes) == 1 and idx_vals[first].ndim == idx_ndim:
         idx_atoms = list(idx_vals[first].atoms)  # out[i, j] = x[idx[i, j]]: the index's dims
         for d in present[1:]:
@@ -593,7 +601,7 @@ def _index(ctx: RuleContext) -> Value:
         for a in x.atoms:  # advanced indexing with gaps moves dims: keep nothing, pin inputs
             if ctx.spaces.static_size(a) not in (None, 1):
                 ctx.pin(a, "indexed in a layout the rule does not follow")
-        atoms, origins = ctx.fresh(shape), []
+        atoms, origins = ctx.fresh(shape, pinned=f"indexed ({ctx.node.name})"), []
     # the values of an indexed index tensor still name the same space
     return Value(atoms, origins, x.value_space, x.param_dep)
 
@@ -613,10 +621,11 @@ def _diff(ctx: RuleContext) -> Value:
     """Differences of neighbours along a dim: that dim is mixed, the others pass through."""
     v = ctx.input(0)
     d = _norm_dim(ctx.kwarg("dim", 2, -1), v.ndim)
-    if ctx.spaces.static_size(v.atoms[d]) not in (None, 1):
+    static = ctx.spaces.static_size(v.atoms[d]) not in (None, 1)
+    if static:
         ctx.pin(v.atoms[d], "differenced along")
     atoms = list(v.atoms)
-    atoms[d] = ctx.spaces.new(ctx.meta_shape()[d])
+    atoms[d] = ctx.spaces.new(ctx.meta_shape()[d], **({"pinned": "differenced along"} if static else {}))
     return Value(atoms, [], None, v.param_dep)
 
 

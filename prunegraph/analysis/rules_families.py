@@ -38,6 +38,12 @@ def _mixed(ctx: RuleContext, atom: int, why: str, routed_ok: bool = False) -> No
         ctx.pin(atom, why)
 
 
+def _derived(ctx: RuleContext, size, why: str) -> int:
+    """A new dim whose extent the op derives from a mixed (pinned) input dim or a constant:
+    pinned too, since no slicing of a parameter can change it."""
+    return ctx.spaces.new(size, **({"pinned": f"{why} ({ctx.node.name})"} if is_static(size) else {}))
+
+
 def _outputs(ctx: RuleContext) -> list:
     val = ctx.node.meta.get("val")
     return list(val) if isinstance(val, (tuple, list)) else [val]
@@ -45,8 +51,37 @@ def _outputs(ctx: RuleContext) -> list:
 
 # ---- families ------------------------------------------------------------------------------
 @family(lambda op: torch.Tag.pointwise in op.tags)
+@rule(aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+      aten.hardsigmoid_.default)
 def _pointwise(ctx: RuleContext) -> Value:
     return _broadcast(ctx)
+
+
+@rule(aten.glu.default)
+def _glu(ctx: RuleContext) -> Value:
+    """``a * sigmoid(b)`` for the two halves of a dim: both halves become the output dim."""
+    v = ctx.input(0)
+    d = _norm_dim(ctx.param("dim", -1), v.ndim)
+    half = as_size(ctx.meta_shape()[d])
+    atoms = list(v.atoms)
+    try:
+        a, b = _cut(ctx, v.atoms[d], 0, half), _cut(ctx, v.atoms[d], half, half)
+        ctx.unify(a, b, "glu halves")
+        atoms[d] = a
+    except Conflict as e:
+        ctx.pin(v.atoms[d], f"glu of a structured space ({e})")
+        atoms[d] = _derived(ctx, half, "glu of a structured space")
+    return Value(atoms, [], None, v.param_dep)
+
+
+@rule(aten.prelu.default, aten._prelu_kernel.default)
+def _prelu(ctx: RuleContext) -> Value:
+    """PReLU's weight scales the channel dim (dim 1, or the only dim of a 1-D input)."""
+    x, w = ctx.input(0), ctx.input(1)
+    if ctx.spaces.static_size(w.atoms[0]) not in (None, 1):
+        ctx.unify(w.atoms[0], x.atoms[1 if x.ndim > 1 else 0], "prelu weight")
+        ctx.use(w, 0, "norm")
+    return Value(list(x.atoms), [], None, True)
 
 
 def _dims_arg(ctx: RuleContext, ndim: int) -> list[int]:
@@ -146,6 +181,7 @@ def _routed_or_pinned(ctx: RuleContext, atom: int, index: Value | None, why: str
     """``index``'s values select entries of ``atom``: route through its value space or pin."""
     if index is not None and index.value_space is not None:
         ctx.unify(atom, index.value_space, "indexed by routed ids")
+        ctx.spaces.flag(atom, "routed", ctx.node.name)
     else:
         _mixed(ctx, atom, why)
 
@@ -207,7 +243,7 @@ def _index_select(ctx: RuleContext) -> Value:
     d = _norm_dim(ctx.param("dim"), x.ndim)
     _routed_or_pinned(ctx, x.atoms[d], idx, "selected by a data-dependent index")
     atoms, origins = list(x.atoms), list(x.origins)
-    atoms[d] = idx.atoms[0] if idx.ndim == 1 else ctx.spaces.new(ctx.meta_shape()[d])
+    atoms[d] = idx.atoms[0] if idx.ndim == 1 else _derived(ctx, ctx.meta_shape()[d], "selected")
     origins[d] = None
     return Value(atoms, origins, x.value_space, x.param_dep)
 
@@ -352,6 +388,8 @@ def _one_hot(ctx: RuleContext) -> Value:
     n = ctx.meta_shape()[-1]
     last = v.value_space if v.value_space is not None and \
         ctx.spaces.size(v.value_space) == as_size(n) else ctx.spaces.new(n, pinned="one-hot classes")
+    if last == v.value_space:
+        ctx.spaces.flag(last, "routed", ctx.node.name)
     return Value(list(v.atoms) + [last], [], None, v.param_dep)
 
 
@@ -360,7 +398,10 @@ def _bincount(ctx: RuleContext) -> Value:
     v = ctx.input(0)
     n = ctx.meta_shape()[0]
     if v.value_space is not None and ctx.spaces.size(v.value_space) == as_size(n):
+        ctx.spaces.flag(v.value_space, "routed", ctx.node.name)
         return Value([v.value_space], [], None, True)
+    for a in v.atoms:  # counts of plain values mix every entry
+        _mixed(ctx, a, "counted")
     return Value([ctx.spaces.new(n, pinned="bin counts")], [], None, True)
 
 
@@ -500,7 +541,8 @@ def _conv(ctx: RuleContext) -> Value:
     atoms = list(x.atoms[:c]) + [out_c]
     for k in range(c + 1, x.ndim):
         same = as_size(shape[k]) == sp.size(x.atoms[k])
-        atoms.append(x.atoms[k] if same and sp.static_size(x.atoms[k]) is None else sp.new(shape[k]))
+        atoms.append(x.atoms[k] if same and sp.static_size(x.atoms[k]) is None
+                     else _derived(ctx, shape[k], "convolved over"))
     return Value(atoms, [], None, True)
 
 
@@ -521,7 +563,7 @@ def _pad(ctx: RuleContext) -> Value:
         if isinstance(lo, int) and isinstance(hi, int) and lo == 0 and hi == 0:
             continue
         _mixed(ctx, v.atoms[d], "padded")
-        atoms[d] = ctx.spaces.new(shape[d])
+        atoms[d] = _derived(ctx, shape[d], "padded")
         origins[d] = None
     return Value(atoms, origins, v.value_space, v.param_dep)
 
@@ -568,7 +610,7 @@ def _narrow(ctx: RuleContext) -> Value:
     atoms, origins = list(v.atoms), list(v.origins)
     if not isinstance(start, int) or ctx.spaces.static_size(v.atoms[d]) is None or not is_static(length):
         _mixed(ctx, v.atoms[d], "narrowed to a data-dependent range")
-        atoms[d] = ctx.spaces.new(length)
+        atoms[d] = _derived(ctx, length, "narrowed to a data-dependent range")
     else:
         if start < 0:
             start += ctx.spaces.static_size(v.atoms[d])

@@ -130,6 +130,11 @@ class Spaces:
             self.flag(leaf, "pinned", reason)
         self.flag(a, "pinned", reason)
 
+    def routed(self, a: int) -> bool:
+        """Chosen by ``topk`` and selected by the chosen ids (an experts space)."""
+        flags = self.flags(a)
+        return "topk" in flags and "routed" in flags
+
     def pin_unless_routed(self, a: int, reason: str) -> None:
         """Pin ``a`` at the end of propagation unless it turns out to be a routed experts space
         (chosen by ``topk``): a softmax or a sum over experts comes before or after the top-k,
@@ -138,7 +143,7 @@ class Spaces:
 
     def resolve_deferred(self) -> None:
         for a, reason in self._deferred:
-            if "topk" not in self.flags(a):
+            if not self.routed(a):
                 self.pin(a, reason)
         self._deferred.clear()
 
