@@ -24,8 +24,11 @@ class Analyze(Pass):
     requires = ("model",)
     provides = ("graph", "analysis", "groups")
 
+    #: an op with no dimension rule is an error instead of pinning what it touches
+    strict: bool = False
+
     def run(self, state: State) -> PassResult:
-        analysis = analyze(state.model)
+        analysis = analyze(state.model, strict=self.strict)
         state.graph = analysis.graph
         state.analysis = analysis
         state.groups = analysis.groups

@@ -150,5 +150,11 @@ class AllAttemptsFailed(Exception):
 def _export(model: torch.nn.Module, kwargs: dict, shapes: dict | None, strict: bool):
     from prunegraph.capture import _export_friendly
 
-    with _export_friendly(model), torch.no_grad():
-        return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=strict)
+    # torch.distributions checks its arguments' values (a data-dependent guard) by default
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        with _export_friendly(model), torch.no_grad():
+            return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=strict)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)

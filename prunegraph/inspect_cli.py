@@ -5,6 +5,10 @@ Examples::
     prunegraph inspect smollm2-135m --json out.json --html out.html
     prunegraph inspect random:qwen3-moe
     prunegraph inspect meta:qwen3-30b-a3b          # a 30B config on the meta device, no weights
+    prunegraph inspect random:mamba                # any causal-LM type of transformers, tiny
+
+The last lines say how much of the model stayed prunable, which ops had no dimension rule (and
+which parameters they pinned), and what the analysis left out and why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dot", metavar="PATH", help="write a Graphviz DOT file of groups and parameters")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     p.add_argument("--all", action="store_true", help="print every group (default: the first 40)")
+    p.add_argument("--strict", action="store_true",
+                   help="an op with no dimension rule is an error (default: its spaces are pinned)")
 
 
 @command("inspect", "Show the prunable groups prunegraph discovers in a model.", _configure)
@@ -37,7 +43,7 @@ def inspect_command(args) -> int:
     t0 = time.perf_counter()
     model, _ = load_model(args.model, meta=args.meta, tokenizer=False)
     load_s = time.perf_counter() - t0
-    analysis = analyze(model)
+    analysis = analyze(model, strict=args.strict)
     analysis.seconds["load"] = round(load_s, 3)
     print(report.table(analysis, None if args.all else 40))
     if args.json:

@@ -15,7 +15,7 @@ import networkx as nx
 
 from prunegraph.groups import Group
 
-__all__ = ["table", "to_json", "to_networkx", "to_dot", "to_html", "summary"]
+__all__ = ["table", "to_json", "to_networkx", "to_dot", "to_html", "summary", "fallback_text"]
 
 
 def _constraint_text(g: Group) -> str:
@@ -34,14 +34,35 @@ def _constraint_text(g: Group) -> str:
 
 def summary(analysis) -> dict:
     kinds = Counter(g.kind for g in analysis.groups)
+    prop = analysis.propagation
     return {
         "model_class": analysis.model_class,
         "total_params": analysis.total_params,
         "prunable_params": analysis.prunable_params(),
         "fixed_params": analysis.total_params - analysis.prunable_params(),
+        "prunable_share": round(analysis.prunable_params() / max(1, analysis.total_params), 4),
         "groups": dict(kinds),
         "seconds": analysis.seconds,
+        "capture_attempt": analysis.graph.meta.get("attempt"),
+        "fallback": {op: len(nodes) for op, nodes in (prop.fallback.items() if prop else ())},
+        "notes": list(getattr(analysis, "notes", [])),
     }
+
+
+def fallback_text(analysis, max_params: int = 4) -> list[str]:
+    """Lines saying which ops without a rule pinned which parameters (empty when none)."""
+    prop = analysis.propagation
+    if prop is None or not prop.fallback:
+        return []
+    pins = analysis.fallback_pins()
+    lines = ["ops with no dimension rule (their spaces are pinned; register a rule to prune them):"]
+    for op, nodes in sorted(prop.fallback.items()):
+        params = pins.get(op, [])
+        shown = ", ".join(params[:max_params]) + (f" and {len(params) - max_params} more"
+                                                  if len(params) > max_params else "")
+        lines.append(f"  {op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}): "
+                     f"pins {shown or 'no parameter space'}")
+    return lines
 
 
 def table(analysis, max_rows: int | None = None) -> str:
@@ -63,7 +84,10 @@ def table(analysis, max_rows: int | None = None) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["groups"].items()))
     lines.append("")
     lines.append(f"{s['model_class']}: {s['total_params']:,} parameters = "
-                 f"{s['prunable_params']:,} prunable + {s['fixed_params']:,} fixed; groups: {kinds}")
+                 f"{s['prunable_params']:,} prunable ({100 * s['prunable_share']:.1f}%) + "
+                 f"{s['fixed_params']:,} fixed; groups: {kinds}")
+    lines.extend(fallback_text(analysis))
+    lines.extend(f"note: {n}" for n in s["notes"])
     lines.append(f"capture {s['seconds'].get('capture', 0):.1f}s, analysis "
                  f"{s['seconds'].get('analysis', 0):.2f}s")
     return "\n".join(lines)

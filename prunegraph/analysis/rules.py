@@ -219,12 +219,37 @@ def _sdpa(ctx: RuleContext):
 
 @rule(aten.embedding.default)
 def _embedding(ctx: RuleContext) -> Value:
+    """A table lookup. The table indexed by the model's token ids writes the hidden space;
+    tables indexed by computed ids (relative-position buckets) are just producers."""
     w, ids = ctx.input(0), ctx.input(1)
     ctx.pin(w.atoms[0], "indexed by token ids")
     ctx.use(w, 0, "producer")
     ctx.use(w, 1, "producer")
-    ctx.spaces.flag(w.atoms[1], "embedding", ctx.module)
+    if _from_model_input(ctx.arg(1)):
+        ctx.spaces.flag(w.atoms[1], "embedding", ctx.module)
     return Value(list(ids.atoms) + [w.atoms[1]], [], None, True)
+
+
+_ID_PASSTHROUGH = {op for op in (aten.view.default, aten.reshape.default, aten.clamp.default,
+                                 aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
+                                 aten.clone.default, aten.alias.default, aten.detach.default,
+                                 aten.slice.Tensor, aten.squeeze.dim, aten.unsqueeze.default,
+                                 aten.flatten.using_ints) if op is not None}
+
+
+def _from_model_input(node) -> bool:
+    """``node`` is a model input (not a parameter or buffer), seen through views and casts."""
+    for _ in range(16):
+        if not isinstance(node, torch.fx.Node):
+            return False
+        if node.op == "placeholder":
+            kind = getattr(node.meta.get("val"), "dtype", None)
+            return kind is not None and not kind.is_floating_point and not \
+                node.name.startswith(("p_", "b_", "c_"))
+        if node.op != "call_function" or node.target not in _ID_PASSTHROUGH:
+            return False
+        node = node.args[0]
+    return False
 
 
 @rule(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
@@ -577,6 +602,19 @@ def _index(ctx: RuleContext) -> Value:
     present = [i for i, t in enumerate(idx_vals) if t is not None]
     if not present:
         return _carry(x)
+    masks = [d for d in present if getattr(indices[d].meta.get("val"), "dtype", None) == torch.bool]
+    if masks:
+        # boolean masks select a data-dependent set of entries: every masked dim is mixed
+        d0 = masks[0]
+        n = len(ctx.meta_shape(indices[d0]))
+        for a in x.atoms[d0:d0 + n]:
+            if ctx.spaces.static_size(a) not in (None, 1):
+                ctx.pin(a, "selected by a boolean mask")
+        if len(masks) == 1 and present == [d0] and len(shape) == x.ndim - n + 1:
+            atoms = x.atoms[:d0] + [ctx.spaces.new(shape[d0])] + x.atoms[d0 + n:]
+            origins = x.origins[:d0] + [None] + x.origins[d0 + n:]
+            return Value(atoms, origins, x.value_space, x.param_dep)
+        raise NotImplementedError("boolean masks mixed with other indices")
     for d in present:
         iv = idx_vals[d]
         if iv.value_space is not None:

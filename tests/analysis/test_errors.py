@@ -54,6 +54,12 @@ def test_op_without_rule_is_pinned_with_one_warning(caplog):
     assert a.fallback_pins() == {"prunegraph_test.reverse.default": ["head.weight", "proj.bias",
                                                                      "proj.weight"]}
     assert list(a.propagation.fallback) == ["prunegraph_test.reverse.default"]
+    # inspect's table says how much stayed prunable and which op pinned what
+    from prunegraph.analysis.report import summary, table
+
+    text = table(a)
+    assert "prunegraph_test.reverse.default (1 node): pins head.weight, proj.bias, proj.weight" in text
+    assert f"({100 * summary(a)['prunable_share']:.1f}%)" in text
 
 
 def test_strict_mode_names_op_node_module_and_fix():
