@@ -59,6 +59,15 @@ def _logits(model, ids):
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _vocab(model) -> int:
+    config = model.config
+    for c in (config, getattr(config, "text_config", None)):
+        if isinstance(getattr(c, "vocab_size", None), int):
+            return int(c.vocab_size)
+    emb = model.get_input_embeddings()
+    return int(getattr(emb, "num_embeddings", None) or emb.weight.shape[0])
+
+
 def _perturb(model, seed: int) -> None:
     """Add small noise to every weight: a router initialised to zero makes every expert tie,
     and top-k breaks ties arbitrarily, so gated and sliced models could pick different experts
@@ -125,10 +134,10 @@ def check(model_type: str, seed: int = 0, *, stages: tuple[str, ...] = STAGES) -
         config = model.config
         _perturb(model, seed)
         result["class"] = type(model).__name__
-        vocab = int(model.get_input_embeddings().weight.shape[0]) if \
-            model.get_input_embeddings() is not None else int(config.vocab_size)
+        vocab = _vocab(model)
+        rows = 2 * int(getattr(config, "num_codebooks", None) or 1)  # audio LMs: a row per codebook
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(min(3, vocab - 1), vocab, (2, 7), generator=gen)
+        ids = torch.randint(min(3, vocab - 1), vocab, (rows, 7), generator=gen)
         dense = _logits(model, ids)
         result["params"] = sum(p.numel() for p in model.parameters())
         done("built")

@@ -132,6 +132,24 @@ def _export_friendly(model: torch.nn.Module):
             setattr(config, key, value)
 
 
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    """Whether ``forward`` accepts ``use_cache`` (by name, or through ``**kwargs`` on a model
+    whose config, or text config, has the field): a cache object in the output cannot be
+    exported."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "use_cache" in params:
+        return True
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    has_field = any(getattr(c, "use_cache", None) is not None for c in (config, text) if c)
+    return has_field and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _special_ids(config) -> set[int]:
     """Token ids the config names (pad, bos, image placeholders ...): random inputs avoid them,
     so a multimodal model does not look for image features that are not there."""
@@ -144,13 +162,15 @@ def _special_ids(config) -> set[int]:
 
 def _example_inputs(model: torch.nn.Module, batch: int, seq: int) -> dict:
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) or 2
+    vocab = getattr(config, "vocab_size", None) or \
+        getattr(getattr(config, "text_config", None), "vocab_size", None) or 2
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
     allowed = [i for i in range(int(vocab)) if i not in _special_ids(config)] or [0]
-    pick = torch.randint(0, len(allowed), (batch, seq), device="cpu")
+    rows = batch * int(getattr(config, "num_codebooks", None) or 1)  # one row per codebook
+    pick = torch.randint(0, len(allowed), (rows, seq), device="cpu")
     ids = torch.tensor(allowed)[pick]
     return {"input_ids": ids.to(device)}
 
@@ -176,7 +196,7 @@ def capture(model: torch.nn.Module, example_inputs: dict | None = None, *,
 
     inputs = dict(example_inputs) if example_inputs else _example_inputs(model, batch, seq)
     kwargs = dict(inputs)
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if _takes_use_cache(model):
         kwargs["use_cache"] = False
     cls = type(model).__name__
     start = time.perf_counter()

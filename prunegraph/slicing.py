@@ -52,10 +52,11 @@ _QUANTITIES: dict[str, Callable[[PlanGroup], tuple[int, int]]] = {
 
 #: group kind -> [(attribute names, quantity)]: per-layer attributes that forward reads.
 LAYER_ATTRIBUTES: dict[str, list[tuple[tuple[str, ...], str]]] = {
-    "heads": [(("num_heads", "num_attention_heads", "n_head", "n_heads"), "q_heads"),
+    "heads": [(("num_heads", "num_attention_heads", "n_head", "n_heads", "o_groups", "n_groups"),
+               "q_heads"),
               (("num_key_value_heads", "num_kv_heads", "n_kv_heads"), "kv_heads"),
               (("num_key_value_groups",), "q_per_kv"),
-              (("split_size", "all_head_size"), "q_width")],
+              (("split_size", "all_head_size", "embed_dim", "hidden_size"), "q_width")],
     "channels": [(("intermediate_size", "ffn_dim", "time_step_rank"), "units")],
     "shared_expert_channels": [(("intermediate_size",), "units")],
     "experts": [(("num_experts", "num_local_experts"), "units")],

@@ -50,7 +50,7 @@ SIZES: dict[str, Any] = {
     **dict.fromkeys(("shared_expert_intermediate_size", "shared_intermediate_size"), 48),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers",
                      "encoder_layers", "decoder_layers", "num_decoder_layers",
-                     "num_encoder_layers", "num_blocks"), LAYERS),
+                     "num_encoder_layers", "num_blocks", "num_layers_per_stack"), LAYERS),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
                      "num_routed_experts", "n_experts"), EXPERTS),
     **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k",
@@ -60,6 +60,7 @@ SIZES: dict[str, Any] = {
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), 1),
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 32),
+    **dict.fromkeys(("o_lora_rank",), 16),
     **dict.fromkeys(("vocab_size", "n_vocab"), VOCAB),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
                      "seq_length"), 512),
@@ -93,6 +94,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "big_bird": dict(attention_type="original_full"),
     "bigbird_pegasus": dict(attention_type="original_full"),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "lfm2": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
     "gemma3n_text": dict(num_kv_shared_layers=0),  # kv sharing needs more layers than 2
     "qwen4_exp_text": dict(indexer_n_heads=HEADS, indexer_kv_heads=1, indexer_head_dim=16,
                            indexer_budget=16, indexer_compress_ratio=4),
@@ -108,6 +110,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # shared attention blocks on two of three layers; attention width is 2 x hidden
     "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"],
                   attention_hidden_size=2 * HIDDEN, attention_head_dim=2 * HIDDEN // HEADS),
+    # one output group per head (the default groups split heads, which slicing cannot follow)
+    "deepseek_v4": dict(o_groups=HEADS),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1),
 }
@@ -141,9 +145,17 @@ def _layer_count(d: dict) -> int | None:
     return None
 
 
+def _index_list(key: str, value: Any, layers: int) -> bool:
+    """A list of layer indices (``full_attn_idxs``, ``moe_layers``): increasing, in range."""
+    return isinstance(value, (list, tuple)) and bool(value) and any(
+        h in key for h in _INDEX_LIST_HINTS) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value) and all(
+        a < b for a, b in zip(value, value[1:]))
+
+
 def _per_layer(key: str, value: Any, layers: int) -> bool:
     """A per-layer list (``layer_types``), or a per-layer pattern string (``hybrid_pattern``)."""
-    if layers < 2:
+    if layers < 2 or _index_list(key, value, layers):
         return False
     if isinstance(value, (list, tuple)):
         return len(value) == layers
@@ -205,9 +217,7 @@ def _shrink(d: dict) -> dict:
         elif kept and _per_layer(key, value, layers):
             picked = [value[i] for i in kept]
             out[key] = "".join(picked) if isinstance(value, str) else type(value)(picked)
-        elif kept and isinstance(value, (list, tuple)) and value and all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value) \
-                and any(h in key for h in _INDEX_LIST_HINTS):
+        elif kept and _index_list(key, value, layers):
             out[key] = type(value)(kept.index(i) for i in value if i in kept)
         elif key == "is_decoder" and value is False:
             out[key] = True  # encoder families used as causal LMs

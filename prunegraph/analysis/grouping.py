@@ -221,9 +221,14 @@ def _make_group(graph: Graph, prop: Propagation, head: int, chain: list[int],
     else:
         kind = "channels"
     head_dim = max(blocks) if kind == "heads" else None
+    kv_heads = sizes[0]
+    q_per_kv = math.prod(sizes[1:]) if len(sizes) > 1 else 1
+    if "replica" in sp.flags(head) and len(sizes) == 1:
+        # query heads that are copies of one broadcast kv head (MQA through expand)
+        kv_heads, q_per_kv = 1, sizes[0]
     constraints = Constraints(
-        kv_heads=sizes[0] if kind == "heads" else None,
-        q_per_kv=(math.prod(sizes[1:]) if len(sizes) > 1 else 1) if kind == "heads" else None,
+        kv_heads=kv_heads if kind == "heads" else None,
+        q_per_kv=q_per_kv if kind == "heads" else None,
         head_dim=head_dim,
         experts=experts if kind == "expert_channels" else None,
         min_units=max(1, topk or 1) if kind == "experts" else 1,

@@ -347,14 +347,26 @@ def _fits(leaf_size, need) -> bool:
         if getattr(leaf_size, "is_Integer", False) else True)
 
 
-@rule(aten.transpose.int, aten.t.default, aten.permute.default, aten.swapaxes.default)
+@rule(aten.transpose.int, aten.t.default, aten.permute.default, aten.swapaxes.default,
+      aten.numpy_T.default, aten.mT.default, aten.adjoint.default, aten.permute_copy.default,
+      aten.transpose_copy.int, aten.t_copy.default, aten.movedim.int)
 def _permute(ctx: RuleContext) -> Value:
     v = ctx.input(0)
     n = v.ndim
-    if ctx.node.target is aten.permute.default:
+    target = ctx.node.target
+    if target in (aten.permute.default, aten.permute_copy.default):
         order = [_norm_dim(d, n) for d in ctx.arg(1)]
+    elif target is aten.numpy_T.default:
+        order = list(reversed(range(n)))
+    elif target is aten.movedim.int:
+        order = list(range(n))
+        src, dst = _norm_dim(ctx.arg(1), n), _norm_dim(ctx.arg(2), n)
+        order.insert(dst, order.pop(src))
+    elif target in (aten.mT.default, aten.adjoint.default):
+        order = list(range(n))
+        order[-1], order[-2] = order[-2], order[-1]
     else:
-        a, b = (0, 1) if ctx.node.target is aten.t.default else (ctx.arg(1), ctx.arg(2))
+        a, b = (0, 1) if target in (aten.t.default, aten.t_copy.default) else (ctx.arg(1), ctx.arg(2))
         order = list(range(n))
         a, b = _norm_dim(a, n), _norm_dim(b, n)
         order[a], order[b] = order[b], order[a]

@@ -370,7 +370,7 @@ class ComplexRotary(_Block):
 
 
 class ViewsAs(_Block):
-    """view_as / reshape_as / expand_as, squeeze and unsqueeze round trips, real of a real."""
+    """view_as / reshape_as / expand_as / mT, squeeze and unsqueeze round trips, real of a real."""
 
     def __init__(self, hidden, rng, kind=None):
         super().__init__(hidden, rng, kind)
@@ -380,7 +380,7 @@ class ViewsAs(_Block):
 
     def forward(self, x):
         h = self.up(x)
-        g = h.unsqueeze(0).squeeze(0).reshape_as(h).view_as(h)
+        g = h.unsqueeze(0).squeeze(0).reshape_as(h).view_as(h).mT.mT
         s = self.scale.expand_as(g)
         return self.down(torch.real(g * s))
 
