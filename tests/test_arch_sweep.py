@@ -2,7 +2,7 @@
 
 Each type goes through every stage a user meets: a tiny config derived from its config class,
 capture, analysis, a random plan whose sliced model must equal the gated one, save and reload.
-The subset covers the families the sweep found hard: a state-space model (depthwise causal
+The subset covers the families the sweep found hard: a hybrid with short convolutions (depthwise causal
 conv), an encoder-decoder used as a causal LM (cross-attention parameters unused by the trace),
 stacked rotary halves, and an MoE routed through gather and scatter. A type missing from the
 installed transformers is skipped, not failed: new releases add and rename types.
@@ -20,7 +20,7 @@ from arch_sweep import STAGES, check, markdown, summarise  # noqa: E402
 
 from prunegraph.tiny_configs import causal_lm_types, tiny_config  # noqa: E402
 
-SUBSET = ["mamba", "bart", "codegen", "afmoe"]
+SUBSET = ["lfm2", "bart", "codegen", "afmoe"]
 
 
 @pytest.mark.parametrize("model_type", SUBSET)

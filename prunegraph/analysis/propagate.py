@@ -260,12 +260,32 @@ def _check_shapes(node, result, spaces: Spaces, module: str) -> None:
             continue
         sizes = [spaces.size(a) for a in v.atoms]
         expect = [as_size(s) for s in t.shape]
-        if sizes != expect:
+        if sizes != expect and not _equal_in_trace(sizes, expect, t):
             raise UnsupportedOpError(
                 f"the dimension rule for {node.target} ({rule_source(node.target)}) produced "
                 f"spaces of sizes {sizes} for node {node.name} in {module or 'the model'}, whose "
                 f"shape is {expect}. This is a bug in that rule: please report it with the model."
             )
+
+
+def _equal_in_trace(sizes: list, expect: list, t: torch.Tensor) -> bool:
+    """Sizes that differ only in how the trace wrote them: a guard learnt later made a
+    symbolic expression equal to another (``chunks == 1``). Compared at the example's values."""
+    if len(sizes) != len(expect):
+        return False
+    env = next((d.node.shape_env for d in t.shape if hasattr(d, "node")), None)
+    hints = getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", None) or {}
+    for a, b in zip(sizes, expect):
+        if a == b:
+            continue
+        if not (a.free_symbols or b.free_symbols) or not hints:
+            return False
+        try:
+            if a.xreplace(hints) != b.xreplace(hints):
+                return False
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def _unsupported(node, module: str, what: str) -> UnsupportedOpError:

@@ -328,6 +328,9 @@ def _reshape(ctx: RuleContext) -> Value:
         if any(sp.size(x) != 1 for x in leaves[i:]):
             raise Conflict("reshape leaves input unconsumed")
     except Conflict as e:
+        peeled = _reshape_token_dims_only(ctx, v, out_shape)
+        if peeled is not None:
+            return peeled
         for a in v.atoms:
             ctx.pin(a, f"reshape that mixes spaces ({e})")
         out = [sp.new(s, pinned=f"reshape that mixes spaces at {ctx.node.name}") for s in out_shape]
@@ -336,6 +339,31 @@ def _reshape(ctx: RuleContext) -> Value:
     if [sp.find(a) for a in v.atoms] == [sp.find(a) for a in out]:
         origins = list(v.origins)
     return Value(out, origins, v.value_space, v.param_dep)
+
+
+def _reshape_token_dims_only(ctx: RuleContext, v: Value, out_shape: list) -> Value | None:
+    """A reshape whose static dims are kept whole at both ends and whose middle only regroups
+    token dims (``[b, L, h, p] -> [b, chunks, L / chunks, h, p]`` with symbolic ``L``): the
+    kept dims pass through, the middle ones are new token dims. None if it is not of that form."""
+    sp = ctx.spaces
+    n_in, n_out = v.ndim, len(out_shape)
+    head = 0
+    while head < min(n_in, n_out) and sp.size(v.atoms[head]) == out_shape[head] and \
+            sp.static_size(v.atoms[head]) is not None:
+        head += 1
+    tail = 0
+    while tail < min(n_in, n_out) - head and \
+            sp.size(v.atoms[n_in - 1 - tail]) == out_shape[n_out - 1 - tail] and \
+            sp.static_size(v.atoms[n_in - 1 - tail]) is not None:
+        tail += 1
+    middle_in = v.atoms[head:n_in - tail]
+    middle_out = out_shape[head:n_out - tail]
+    symbolic = lambda size: not getattr(size, "is_Integer", False) or size == 1  # noqa: E731
+    if not all(symbolic(sp.size(a)) for a in middle_in) or not all(symbolic(s) for s in middle_out):
+        return None
+    atoms = v.atoms[:head] + [sp.new(s) for s in middle_out] + v.atoms[n_in - tail:]
+    origins = v.origins[:head] + [None] * len(middle_out) + v.origins[n_in - tail:]
+    return Value(atoms, origins, v.value_space, v.param_dep)
 
 
 def _fits(leaf_size, need) -> bool:
@@ -488,7 +516,8 @@ def _slice(ctx: RuleContext) -> Value:
     origins = list(v.origins)
     if out_size == in_size:
         return Value(atoms, origins, v.value_space, v.param_dep)
-    if step != 1 or not isinstance(start, int) or not getattr(out_size, "is_Integer", False):
+    if step != 1 or not isinstance(start, int) or not getattr(out_size, "is_Integer", False) \
+            or not getattr(in_size, "is_Integer", False):
         # strided, or bounds known only at run time (``Min(N, s)``): no segment to name
         if getattr(in_size, "is_Integer", False):
             ctx.pin(v.atoms[d], "strided or data-dependent slice")

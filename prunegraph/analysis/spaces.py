@@ -40,7 +40,14 @@ def as_size(value) -> Size:
         return value
     node = getattr(value, "node", None)
     if node is not None and hasattr(node, "expr"):
-        return sympy.sympify(node.expr)
+        expr = node.expr
+        env = getattr(node, "shape_env", None)
+        if env is not None:  # facts learnt later in the trace (a guard made chunks == 1)
+            try:
+                expr = env.simplify(expr)
+            except Exception:  # a shape env that cannot simplify it: keep the expression
+                pass
+        return sympy.sympify(expr)
     meta = getattr(value, "meta", None)
     if isinstance(meta, dict):  # a torch.fx.Node
         val = meta.get("val")
