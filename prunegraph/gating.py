@@ -210,11 +210,15 @@ def apply_gates(model: nn.Module, groups: list[Group],
     sites: dict[tuple[int, str], tuple[nn.Module, str, list[tuple[Member, str]]]] = {}
     for name in values:
         for member in by_name[name].gate_site:
-            module, attr = owner_of(model, member.param)
             if member.param not in params:
                 raise PlanError(f"{member.param!r} is not a parameter of the model")
-            key = (id(module), attr)
-            sites.setdefault(key, (module, attr, []))[2].append((member, name))
+            # a parameter tied across modules (a shared block applied at several layers) is
+            # gated in every module that holds it
+            tied = [n for n, p in params.items() if p is params[member.param]]
+            for holder in tied:
+                module, attr = owner_of(model, holder)
+                key = (id(module), attr)
+                sites.setdefault(key, (module, attr, []))[2].append((member, name))
     try:
         for module, attr, entries in sites.values():
             parametrize.register_parametrization(module, attr, _Fold(gates, entries))
@@ -235,6 +239,12 @@ def _router_of(group: Group) -> str | None:
 
 
 def _install_router_mask(model: nn.Module, gates: GateSet, name: str, router: str) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for holder in [n for n, p in params.items() if p is params.get(router)] or [router]:
+        _install_router_mask_on(model, gates, name, holder)
+
+
+def _install_router_mask_on(model: nn.Module, gates: GateSet, name: str, router: str) -> None:
     module, attr = owner_of(model, router)
     shape = getattr(module, attr).shape
     active: list[_RouterMask] = []
