@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.groups import Group, Member
+from prunegraph.ir.groups import Group, Member
 
 __all__ = ["SCOPES", "ParamSpace", "param_space", "decoder_stack", "removed_params",
            "member_index_cost"]

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
-from prunegraph.groups import Group
+from prunegraph.ir.groups import Group
 from prunegraph.passes._moves import GroupMoves, build_moves
 from prunegraph.passes._param_space import ParamSpace, param_space, removed_params
 
