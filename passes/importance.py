@@ -96,9 +96,7 @@ def unit_sums(member: Member, size: int, elem: torch.Tensor) -> torch.Tensor:
         v = v[None]
     elif member.expert_dim > member.dim:
         v = v.transpose(0, 1)
-    blocks = size // member.div
-    idx = (member.offset + torch.arange(blocks)[:, None] * member.step
-           + torch.arange(member.inner)[None, :]).to(v.device)
+    idx = member.block_positions(size).to(v.device)
     per_block = v[:, idx].sum(-1)
     per_unit = per_block[:, torch.arange(size, device=v.device) // member.div] / member.div
     return per_unit if member.expert_dim is not None else per_unit[0]

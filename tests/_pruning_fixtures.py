@@ -39,10 +39,8 @@ def fresh(arch: str) -> torch.nn.Module:
 
 def _analysis_key(arch: str) -> str:
     h = hashlib.sha256(f"{arch}|{transformers.__version__}|{torch.__version__}".encode())
-    for f in sorted((_ROOT / "prunegraph" / "analysis").glob("*.py")) + [
-            _ROOT / "prunegraph" / "capture.py", _ROOT / "prunegraph" / "groups.py"]:
-        if f.exists():
-            h.update(f.read_bytes())
+    for f in sorted((_ROOT / "prunegraph" / "ir").rglob("*.py")):
+        h.update(f.read_bytes())
     return h.hexdigest()[:20]
 
 

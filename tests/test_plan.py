@@ -163,3 +163,18 @@ def test_check_model_names_the_differences():
     other = AutoModelForCausalLM.from_config(config)
     with pytest.raises(PlanError, match="intermediate_size: plan 96, model 128"):
         plan.check_model(other)
+
+
+@pytest.mark.parametrize("key", ["num_experts_per_tok", "moe_topk", "moe_top_k", "top_k"])
+def test_plan_and_allocator_read_the_same_routing_top_k(key):
+    """Every spelling of the routed-experts count sets the experts floor for both the plan and
+    the allocator (they once read different key lists: moe_top_k vs moe_topk)."""
+    from types import SimpleNamespace
+
+    import prunegraph.passes.allocate as allocate
+    from prunegraph.plan.plan import routing_top_k
+
+    model = SimpleNamespace(config=SimpleNamespace(**{key: 3}))
+    assert routing_top_k(model) == 3
+    assert allocate.routing_top_k is routing_top_k
+    assert routing_top_k(SimpleNamespace(config=SimpleNamespace())) == 1

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from _pruning_fixtures import ARCHS, fresh, groups_of, input_ids, logits, random_plan
 from prunegraph.errors import PlanError, PreconditionError
+from prunegraph.passes._param_space import param_space, removed_params
 from prunegraph.plan.gating import apply_gates
 from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan
@@ -27,6 +28,10 @@ def test_sliced_equals_gated(arch, seed):
     torch.testing.assert_close(logits(sliced, ids), logits(gated, ids), atol=2e-5, rtol=1e-4)
     assert stats["params_before"] - stats["params_after"] == plan.report["params_removed"]
     assert stats["params_after"] == sum(p.numel() for p in sliced.parameters())
+    # the allocator counts removed parameters with the same index map as the plan and slicing
+    space = param_space(fresh(arch), scope="all")
+    keep = {pg.name: pg.keep for pg in plan.groups}
+    assert removed_params(groups_of(arch), keep, space) == plan.report["params_removed"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "phi3"])

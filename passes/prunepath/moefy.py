@@ -130,18 +130,12 @@ def feature_member(group: Group) -> Member:
     return min(producers, key=lambda m: (m.param != producers[0].param, m.offset))
 
 
-def _positions(member: Member, size: int) -> torch.Tensor:
-    units = torch.arange(size)
-    return (member.offset + (units // member.div)[:, None] * member.step
-            + torch.arange(member.inner)[None, :]).reshape(-1)
-
-
 def channel_features(model: nn.Module, group: Group) -> torch.Tensor:
     """``[size, D]``: one row per channel from the feature member's weight."""
     m = feature_member(group)
     mod, attr = owner_of(model, m.param)
     w = getattr(mod, attr).detach()
-    rows = w.movedim(m.dim, 0)[_positions(m, group.size)]
+    rows = w.movedim(m.dim, 0)[m.unit_positions(group.size).reshape(-1)]
     return rows.reshape(group.size, -1)
 
 
@@ -155,9 +149,9 @@ def permute_group(model: nn.Module, group: Group, perm: torch.Tensor) -> None:
                                   f"slices); only plain MLP channel groups are supported")
         mod, attr = owner_of(model, m.param)
         p = getattr(mod, attr)
-        pos = _positions(m, group.size)
+        pos = m.unit_positions(group.size).reshape(-1)
         index = torch.arange(p.shape[m.dim])
-        index[pos] = _positions(m, group.size).view(group.size, m.inner)[perm].reshape(-1)
+        index[pos] = m.unit_positions(group.size).reshape(-1).view(group.size, m.inner)[perm].reshape(-1)
         with torch.no_grad():
             p.data = p.data.index_select(m.dim, index.to(p.device)).contiguous()
 

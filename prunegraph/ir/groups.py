@@ -24,12 +24,15 @@ for every index of another dim (per-expert channels of a fused ``[E, I, H]`` ten
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["Member", "Constraints", "Group", "GroupKind", "MemberRole"]
+__all__ = ["Member", "Constraints", "Group", "GroupKind", "MemberRole", "kept_masks",
+           "kept_numel", "removed_params"]
 
 GroupKind = Literal[
     "hidden", "channels", "heads", "experts", "expert_channels", "shared_expert_channels",
@@ -72,12 +75,53 @@ class Member:
         """Number of distinct blocks for a group of ``size`` units."""
         return size // self.div
 
-    def indices(self, units: torch.Tensor | list[int]) -> torch.Tensor:
+    def block_positions(self, size: int) -> torch.Tensor:
+        """``[size // div, inner]``: the indices along ``dim`` of each block, in block order.
+
+        This is the one place where units become indices; every other map is derived from it."""
+        blocks = torch.arange(size // self.div, dtype=torch.long)
+        return self.offset + blocks[:, None] * self.step + torch.arange(self.inner)[None, :]
+
+    def unit_positions(self, size: int) -> torch.Tensor:
+        """``[size, inner]``: the indices of each unit's block (a shared block repeats)."""
+        return self.block_positions(size)[torch.arange(size) // self.div]
+
+    def indices(self, units: torch.Tensor | list[int] | range) -> torch.Tensor:
         """Indices along ``dim`` owned by ``units`` (deduplicated for ``div > 1``, sorted)."""
         units = torch.as_tensor(units, dtype=torch.long)
-        blocks = torch.unique(units // self.div)
-        inner = torch.arange(self.inner, dtype=torch.long)
-        return (self.offset + blocks[:, None] * self.step + inner[None, :]).reshape(-1)
+        size = (int(units.max()) // self.div + 1) * self.div if units.numel() else 0
+        return self.block_positions(size)[torch.unique(units // self.div)].reshape(-1)
+
+    def covered(self, size: int) -> torch.Tensor:
+        """Every index along ``dim`` that the group's ``size`` units own."""
+        return self.block_positions(size).reshape(-1)
+
+    def unit_index(self, size: int, extent: int) -> torch.Tensor:
+        """For each of ``extent`` indices along ``dim``, the block that owns it, as the first
+        unit of the block (``size`` where no unit does)."""
+        owner = torch.full((extent,), size, dtype=torch.long)
+        pos = self.block_positions(size)
+        owner[pos.reshape(-1)] = (torch.arange(pos.shape[0]) * self.div).repeat_interleave(self.inner)
+        return owner
+
+    def kept_mask(self, size: int, kept: torch.Tensor, length: int) -> torch.Tensor:
+        """Which of ``length`` indices along ``dim`` survive when the group keeps ``kept``.
+
+        Indices the group does not cover are kept. ``kept`` is ``[k]`` (a ``[length]`` mask) or,
+        per expert, ``[experts, k]`` (an ``[experts, length]`` mask). A block shared by ``div``
+        units stays while any of them is kept."""
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        rows = () if kept.dim() == 1 else (kept.shape[0],)
+        mask = torch.ones(*rows, length, dtype=torch.bool)
+        mask[..., self.covered(size)] = False
+        if kept.numel() == 0:
+            return mask
+        if kept.dim() == 1:
+            mask[self.indices(kept)] = True
+        else:
+            idx = self.block_positions(size)[kept // self.div]
+            mask.scatter_(1, idx.reshape(kept.shape[0], -1), True)
+        return mask
 
     def extent(self, size: int) -> int:
         """Number of indices along ``dim`` that the group covers."""
@@ -194,3 +238,88 @@ class Group:
             layer=data.get("layer"),
             router=data.get("router"),
         )
+
+
+#: ``key -> dim -> (mask, expert_dim)``: which indices of each parameter dim survive a choice of
+#: kept units. ``mask`` is ``[n]``, or ``[experts, n]`` for a dim chosen per expert.
+KeptMasks = dict[Any, dict[int, tuple[torch.Tensor, "int | None"]]]
+
+
+def kept_masks(selections: Iterable[tuple[Group, torch.Tensor]],
+               shapes: Mapping[str, Sequence[int]],
+               key: Callable[[str], Any] | None = None) -> KeptMasks:
+    """Combine every ``(group, kept units)`` into kept-index masks per parameter and dim.
+
+    One mask per ``(key(param), dim)`` joins every member touching it (fused projections; tied
+    names share a key; a ``key`` of ``None`` leaves the member out): first everything a group
+    covers is cleared, then its kept indices are set. Raises :class:`ValueError` when a dim is
+    chosen per expert by one group and for all experts by another.
+    """
+    key = key or (lambda name: name)
+    entries = []
+    for group, kept in selections:
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        for m in group.members:
+            k = key(m.param)
+            if k is not None:
+                entries.append((m, group, kept, k, tuple(shapes[m.param])))
+    masks: KeptMasks = {}
+    for phase in ("covered", "kept"):
+        for m, group, kept, k, shape in entries:
+            per_dim = masks.setdefault(k, {})
+            if m.dim not in per_dim:
+                rows = () if m.expert_dim is None else (shape[m.expert_dim],)
+                per_dim[m.dim] = (torch.ones(*rows, shape[m.dim], dtype=torch.bool), m.expert_dim)
+            mask, expert_dim = per_dim[m.dim]
+            if expert_dim != m.expert_dim:
+                raise ValueError(f"{m.param} dim {m.dim} is sliced both per expert and for all "
+                                 f"experts by different groups; the groups are inconsistent")
+            if phase == "covered":
+                mask[..., m.covered(group.size)] = False
+            elif kept.dim() == 1 or m.expert_dim is None:
+                mask[..., m.indices(torch.unique(kept))] = True
+            else:
+                idx = m.block_positions(group.size)[kept // m.div]
+                mask.scatter_(1, idx.reshape(kept.shape[0], -1), True)
+    return masks
+
+
+def kept_numel(shape: Sequence[int], per_dim: Mapping[int, tuple[torch.Tensor, int | None]]) -> int:
+    """Elements of a parameter of ``shape`` that survive its ``kept_masks`` entry."""
+    shape = tuple(shape)
+    plain = {d: m for d, (m, ed) in per_dim.items() if ed is None}
+    pairs = {(ed, d): m for d, (m, ed) in per_dim.items() if ed is not None}
+    if not pairs:
+        return math.prod(int(plain[d].sum()) if d in plain else n for d, n in enumerate(shape))
+    if len(pairs) == 1:
+        (ed, d), m2 = next(iter(pairs.items()))
+        if ed in plain:
+            m2 = m2 & plain[ed][:, None]
+        if d in plain:
+            m2 = m2 & plain[d][None, :]
+        rest = math.prod(int(plain[i].sum()) if i in plain else n
+                         for i, n in enumerate(shape) if i not in (ed, d))
+        return int(m2.sum()) * rest
+    full = torch.ones(shape, dtype=torch.bool)  # rare: several per-expert dims on one tensor
+    for d, m in plain.items():
+        view = [1] * len(shape)
+        view[d] = -1
+        full &= m.view(view)
+    for (ed, d), m2 in pairs.items():
+        view = [1] * len(shape)
+        view[ed], view[d] = m2.shape
+        full &= (m2 if ed < d else m2.T).reshape(view)
+    return int(full.sum())
+
+
+def removed_params(selections: Iterable[tuple[Group, torch.Tensor]],
+                   shapes: Mapping[str, Sequence[int]],
+                   key: Callable[[str], Any] | None = None) -> int:
+    """Exact number of parameters removed when each group keeps its units (each parameter counted
+    once under its ``key``; overlaps, such as an expert removed whole and some of its channels
+    too, counted once; a block shared by several units goes only when all of them go)."""
+    key = key or (lambda name: name)
+    masks = kept_masks(selections, shapes, key)
+    shape_of = {key(n): tuple(s) for n, s in shapes.items() if key(n) is not None}
+    return sum(math.prod(shape_of[k]) - kept_numel(shape_of[k], per_dim)
+               for k, per_dim in masks.items())

@@ -76,9 +76,7 @@ def unit_multiplier(member: Member, values: torch.Tensor, shape: torch.Size | tu
     v = values
     if member.div > 1:
         v = v.reshape(*v.shape[:-1], size // member.div, member.div).amax(-1)
-    blocks = v.shape[-1]
-    pos = (member.offset + torch.arange(blocks)[:, None] * member.step
-           + torch.arange(member.inner)[None, :]).reshape(-1).to(v.device)
+    pos = member.block_positions(size).reshape(-1).to(v.device)
     vals = v.repeat_interleave(member.inner, dim=-1)
     n = shape[member.dim]
     view = [1] * len(shape)

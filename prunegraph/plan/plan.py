@@ -44,9 +44,9 @@ import torch
 
 from prunegraph.errors import BudgetError, PlanError
 from prunegraph.plan.gating import gate_shape
-from prunegraph.ir.groups import Group
+from prunegraph.ir.groups import Group, kept_masks, removed_params
 
-__all__ = ["Plan", "PlanGroup", "fingerprint", "FORMAT", "VERSION"]
+__all__ = ["Plan", "PlanGroup", "fingerprint", "routing_top_k", "FORMAT", "VERSION"]
 
 FORMAT = "prunegraph.plan.plan"
 VERSION = 1
@@ -162,7 +162,7 @@ class Plan:
             BudgetError: a pinned group asked to shrink, or fewer units than the group's floor.
         """
         by_name = {g.name: g for g in groups}
-        top_k = _top_k(model)
+        top_k = routing_top_k(model)
         out = []
         for name, request in keep.items():
             if name not in by_name:
@@ -344,7 +344,6 @@ class Plan:
             PlanError: a member names a parameter not in ``shapes`` or does not fit its shape.
         """
         key = key or {n: n for n in shapes}
-        entries = []
         for pg in self.groups:
             for m in pg.group.members:
                 if m.param not in shapes:
@@ -356,28 +355,11 @@ class Plan:
                     raise PlanError(f"plan group {pg.name!r}: member {m.param} dim {m.dim} does "
                                     f"not fit its shape {list(shape)}; apply the plan to its base "
                                     f"model")
-                entries.append((m, pg))
-        masks: dict[Any, dict[int, tuple[torch.Tensor, int | None]]] = {}
-        for phase in ("covered", "kept"):
-            for m, pg in entries:
-                shape = shapes[m.param]
-                per_dim = masks.setdefault(key[m.param], {})
-                if m.dim not in per_dim:
-                    rows = () if m.expert_dim is None else (shape[m.expert_dim],)
-                    per_dim[m.dim] = (torch.ones(*rows, shape[m.dim], dtype=torch.bool),
-                                      m.expert_dim)
-                mask, expert_dim = per_dim[m.dim]
-                if expert_dim != m.expert_dim:
-                    raise PlanError(f"{m.param} dim {m.dim} is sliced both per expert and for all "
-                                    f"experts by different groups; the groups are inconsistent")
-                if phase == "covered":
-                    mask[..., m.indices(torch.arange(pg.group.size))] = False
-                elif pg.keep.dim() == 1:
-                    mask[..., m.indices(pg.keep)] = True
-                else:
-                    for e, row in enumerate(pg.keep):
-                        mask[e, m.indices(row)] = True
-        return masks
+        try:
+            return kept_masks(((pg.group, pg.keep) for pg in self.groups), shapes,
+                              key=key.__getitem__)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
 
     def sliced_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
         """Shapes of the given parameters after slicing (tied names are not merged here)."""
@@ -405,11 +387,17 @@ class Plan:
 # ---------------------------------------------------------------------------- constraints
 
 
-def _top_k(model: torch.nn.Module | None) -> int:
+#: Config keys that hold how many experts a token is routed to, in the order they are read.
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k")
+
+
+def routing_top_k(model: torch.nn.Module | None) -> int:
+    """Experts each token is routed to (1 for a dense model): an experts group keeps at least
+    this many. The plan and the allocator both read it here, so they agree on the floor."""
     config = getattr(model, "config", None)
-    for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+    for key in TOP_K_KEYS:
         value = getattr(config, key, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and value > 0:
             return value
     return 1
 
@@ -537,16 +525,12 @@ def _report(groups: list[PlanGroup], fp: dict[str, Any] | None) -> dict[str, Any
     total = fp.get("params_total") if fp is not None else None
     if fp is not None:
         shapes = {n: tuple(s) for n, s in fp["params"].items()}
-        plan = Plan.__new__(Plan)
-        plan.groups = groups
+        aliases = {n for names in fp.get("tied", []) for n in names[1:]}
         try:
-            new = plan.sliced_shapes(shapes)
-        except PlanError:
-            new = None
-        if new is not None:
-            aliases = {n for names in fp.get("tied", []) for n in names[1:]}
-            removed = float(sum(math.prod(shapes[n]) - math.prod(new[n]) for n in shapes
-                                if new[n] != shapes[n] and n not in aliases))
+            removed = float(removed_params(((pg.group, pg.keep) for pg in groups), shapes,
+                                           key=lambda n: None if n in aliases else n))
+        except (KeyError, IndexError, ValueError):
+            pass  # the plan does not fit these shapes; Plan.masks reports it where it matters
     return {"params_removed": removed, "flops_removed": flops, "params_total": total,
             "params_fraction": (removed / total) if total else None,
             "groups": {pg.name: {"kept": pg.kept, "size": pg.group.size} for pg in groups}}
