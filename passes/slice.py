@@ -28,6 +28,9 @@ class Slice(Pass):
     name = "Slice"
     requires = ("model", "plan")
     provides = ("model",)
+    invalidates = {k: "slicing changed the model's shapes" for k in
+                   ("graph", "analysis", "groups", "gates", "gate_family", "trained_gates")}
+    guarantees = ("sliced-equals-gated",)
 
     check: bool = True
 

@@ -230,17 +230,20 @@ def test_tau_sweep_records_points():
 
 
 def test_tau_sweep_on_a_loaded_checkpoint(tmp_path):
-    """One saved checkpoint, swept later through the ordinary loader (`model: DIR`)."""
-    from prunegraph.data.models import load_model
+    """One saved checkpoint, swept later through the ordinary loader (`model: DIR`): Load puts
+    the folder's plan and routers in the state, which TauSweep requires."""
+    from prunegraph.errors import PreconditionError
+    from prunegraph.pipeline.load import Load
 
     model, state = _routed("llama", tau=0.6)
     prunegraph.save_pruned(model, state.plan, tmp_path / "m", tokenizer=make_tokenizer())
-    loaded, tok = load_model(str(tmp_path / "m"))
-    rows = TauSweep(taus=[0.5, 2.0], ppl_blocks=1, seq_len=16)(
-        State(model=loaded, tokenizer=tok)).state.metrics["sweep"]
+    loaded = Load(model=str(tmp_path / "m"), device="cpu")(State()).state
+    assert loaded.router["layers"] and loaded.plan.fingerprint == state.plan.fingerprint
+    rows = TauSweep(taus=[0.5, 2.0], ppl_blocks=1, seq_len=16)(loaded).state.metrics["sweep"]
     assert rows[1]["active_fraction"] == 1.0 > rows[0]["active_fraction"]
-    with pytest.raises(SpecError, match="needs a PrunePath model"):
-        TauSweep(taus=[0.5], ppl_blocks=1, seq_len=16)(State(model=fresh("llama"), tokenizer=tok))
+    with pytest.raises(PreconditionError, match="requires 'router'.*PrunePath"):
+        TauSweep(taus=[0.5], ppl_blocks=1, seq_len=16)(
+            State(model=fresh("llama"), tokenizer=loaded.tokenizer))
 
 
 def test_bad_input_errors_before_work():

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, nearest, register_pass
+from prunegraph.pipeline.contract import (
+    Pass,
+    PassResult,
+    State,
+    declare_key,
+    nearest,
+    register_pass,
+)
 from prunegraph.passes.gates import DEFAULT_KINDS, check_family, check_fraction, make_family
 from prunegraph.passes.gates.base import GateFamily
 
@@ -33,6 +40,9 @@ def _family_options(cls: type[GateFamily]) -> set[str]:
     return names
 
 
+declare_key("gate_family", "prunegraph.passes.gates.base.GateFamily",
+            "the gate family whose gates are on the model (its budget, schedule and final values)")
+
 @register_pass
 @dataclass(frozen=True)
 class Gate(Pass):
@@ -45,6 +55,7 @@ class Gate(Pass):
     name = "Gate"
     requires = ("model", "groups")
     provides = ("gates", "gate_family")
+    guarantees = ("gates-at-one",)
 
     family: str = "ddp"
     sparsity: float = 0.2

@@ -35,7 +35,7 @@ from torch import nn
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.plan.gating import owner_of
 from prunegraph.ir.groups import Group, Member
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, declare_key, register_pass
 from prunegraph.passes.prunepath.router import ROUTER_ATTR
 
 __all__ = ["MoEfy", "balanced_kmeans", "expert_sizes", "permute_group", "feature_member",
@@ -204,6 +204,9 @@ def moefy(model: nn.Module, groups: list[Group], group_size: int = 32, *, ragged
                        "weights": _weight_roles(g), "permutation": perm.tolist()})
     return layout
 
+
+declare_key("moe_layout", "builtins.list",
+            "per MoEfied MLP: its group, module paths, expert sizes and permutation")
 
 @register_pass
 @dataclass(frozen=True)

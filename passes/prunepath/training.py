@@ -156,7 +156,7 @@ class PrunePath(Pass):
 
     name = "PrunePath"
     requires = ("model", "moe_layout")
-    provides = ("prunepath",)
+    provides = ("router",)
 
     tau: float = 0.7
     mode: Literal["exclusive", "inclusive"] = "exclusive"
@@ -216,7 +216,7 @@ class PrunePath(Pass):
         set_tau(model, self.tau)
         reset_stats(model)
         model.eval()
-        state.prunepath = pp.spec(model)
+        state.router = pp.spec(model)
         record = {"experts": pp.routers(model)[0].experts, "mode": self.mode, "tau": self.tau,
                   "train_tokens": trained.get("tokens", 0),
                   "resumed_at": trained.get("resumed_at", 0),
@@ -271,7 +271,7 @@ class TauSweep(Pass):
     ``{"tau", "ppl", "active_fraction"}`` per τ (held-out split, ``ppl_blocks`` × ``seq_len``)."""
 
     name = "TauSweep"
-    requires = ("model", "tokenizer")  # routers from PrunePath, or a loaded PrunePath folder
+    requires = ("model", "tokenizer", "router")  # from PrunePath, or Load of a PrunePath folder
     provides = ()
 
     taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -292,9 +292,6 @@ class TauSweep(Pass):
     def run(self, state: State) -> PassResult:
         from prunegraph.data.text import load_documents, split_documents, token_blocks
 
-        if not pp.is_installed(state.model):
-            raise SpecError("TauSweep needs a PrunePath model: put MoEfy and PrunePath before "
-                            "it, or load a folder saved from one (model: DIR/model)")
         _, held_out = split_documents(load_documents(self.source))
         blocks = token_blocks(state.tokenizer, held_out, self.seq_len, self.ppl_blocks)
         rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress))

@@ -58,7 +58,14 @@ import torch
 import torch.nn.functional as F
 
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, progress_bar, register_pass
+from prunegraph.pipeline.contract import (
+    Pass,
+    PassResult,
+    State,
+    declare_key,
+    progress_bar,
+    register_pass,
+)
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 __all__ = ["Train", "TrainingHalted", "Objective", "GateObjective", "lr_factor", "kd_loss"]
@@ -288,6 +295,9 @@ def _train_only(model: torch.nn.Module, groups: list[dict[str, Any]]) -> None:
     for p in model.parameters():
         p.requires_grad_(id(p) in listed)
 
+
+declare_key("trained_gates", "builtins.dict",
+            "final gate values after training: group name -> tensor")
 
 @register_pass
 @dataclass(frozen=True)

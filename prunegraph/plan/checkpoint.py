@@ -37,7 +37,7 @@ from prunegraph.plan.extensions import registered_extensions
 from prunegraph.plan.plan import Plan, _atomic_dir
 from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
 
-__all__ = ["save_pruned", "from_pretrained", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
+__all__ = ["save_pruned", "from_pretrained", "saved_plan", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
 
 WEIGHTS = "model.safetensors"
 BUFFERS = "prunegraph_buffers.safetensors"
@@ -119,7 +119,7 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
     base_config = _config_from_dict(dict(plan.fingerprint["config"],
                                          **{"dtype": str(next(model.parameters()).dtype)
                                             .removeprefix("torch.")}))
-    extensions = registered_extensions()
+    extensions = registered_extensions(load=True)
     added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
     _check_shapes(model, plan, base_config, skip=added)
 
@@ -169,7 +169,7 @@ def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str]
 
 def _rebuild_extensions(model: nn.Module, extra: dict[str, Any], path: Path) -> None:
     """Reinstall every method runtime the checkpoint records (PrunePath's routers ...)."""
-    extensions = registered_extensions()
+    extensions = registered_extensions(load=True)
     for name, described in extra.items():
         if name in _PLAN_EXTRA_KEYS or not described:
             continue
@@ -261,5 +261,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(path))
-    model._prunegraph_plan = plan
     return model.to(device).eval()
+
+
+def saved_plan(path: str | os.PathLike) -> Plan | None:
+    """The plan stored in a folder written by :func:`save_pruned`, or None for any other folder."""
+    path = Path(path)
+    if not (path / f"{PLAN_STEM}.json").is_file():
+        return None
+    try:
+        return Plan.read_files(path, PLAN_STEM)[0]
+    except PlanError as e:
+        raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: {e}") from e
