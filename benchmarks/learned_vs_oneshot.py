@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
-from prunegraph.ir.analysis import analyze
+
 from prunegraph.data.models import load_model
-from prunegraph.pipeline.contract import State
-from prunegraph.pipeline.runfolder import atomic_write_text
+from prunegraph.data.tasks import load_task
+from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.ir.analysis import analyze
 from prunegraph.passes.evaluation.evaluate import count_params
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.passes.finalize import Finalize
@@ -39,8 +39,8 @@ from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.prune import Prune
 from prunegraph.passes.slice import Slice
 from prunegraph.passes.train.loop import Train
-from prunegraph.data.tasks import load_task
-from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.pipeline.contract import State
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 ONESHOT = ("magnitude", "wanda", "taylor")
 LEARNED = ("ddp", "hard_concrete")

@@ -41,8 +41,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
+
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -149,10 +149,10 @@ def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int,
                  ) -> list[dict]:
     """One-shot Wanda pruning of the MLP channels only, uniform per layer, at each fraction
     (gates at 0/1 on ``model``, removed after each point)."""
-    from prunegraph.plan.gating import apply_gates
     from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.importance import score_groups
     from prunegraph.passes.prune import calibration_blocks
+    from prunegraph.plan.gating import apply_gates
 
     channels = [g for g in groups if g.kind == "channels"]
     calib = calibration_blocks(tokenizer, "wikipedia", 128, calib_blocks)
@@ -186,12 +186,12 @@ def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     """DDP gates on the MLP channels at keep ratio ``fraction`` (same quota in every layer),
     trained, finalized to exactly that quota, sliced and evaluated."""
     from prunegraph.ir.groups import Group
-    from prunegraph.pipeline.contract import State
     from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.gates.insert import Gate
     from prunegraph.passes.slice import Slice
     from prunegraph.passes.train.loop import Train
+    from prunegraph.pipeline.contract import State
 
     say(f"static ddp f={fraction:.3f}: training on {cfg['device']}")
     base, tok = load(MODEL)

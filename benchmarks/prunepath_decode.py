@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
+
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 SECTION = "## PrunePath end-to-end greedy decoding (GPU)"
@@ -99,9 +99,9 @@ def moefy_and_route(model, group_size: int, iters: int) -> None:
     """Analyze, MoEfy (balanced k-means experts) and install zero routers, as the example
     pipeline does, without training."""
     from prunegraph.ir.analysis import analyze
-    from prunegraph.pipeline.contract import State
     from prunegraph.passes.prunepath.moefy import MoEfy
     from prunegraph.passes.prunepath.training import PrunePath
+    from prunegraph.pipeline.contract import State
 
     state = State(model=model, groups=list(analyze(model).groups))
     state = MoEfy(group_size=group_size, iters=iters)(state).state

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.passes.allocate import check_sparsity, allocate, check_budget
+from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
 from prunegraph.passes.importance import score_groups
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Prune", "calibration_blocks"]
 

@@ -40,9 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.ir.capture import traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, declare_key, register_pass
+from prunegraph.ir.capture import traceable_experts
+from prunegraph.pipeline.contract import (
+    Pass,
+    PassResult,
+    State,
+    declare_key,
+    register_pass,
+)
 from prunegraph.pipeline.runfolder import run_path
 from prunegraph.targets.export_cli import export_target
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
+
 from prunegraph.passes._param_space import param_space
 from prunegraph.passes.finalize import Finalize
 from prunegraph.passes.slice import Slice

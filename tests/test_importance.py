@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from prunegraph.data.models import load_model
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
 from prunegraph.ir.groups import Constraints, Group, Member
-from prunegraph.data.models import load_model
-from prunegraph.pipeline.contract import State, get_pass_class
 from prunegraph.passes.allocate import allocate, check_budget, max_removable
 from prunegraph.passes.importance import score_groups, unit_sums
 from prunegraph.passes.prune import Prune, calibration_blocks
+from prunegraph.pipeline.contract import State, get_pass_class
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 

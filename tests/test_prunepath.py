@@ -9,21 +9,21 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import prunegraph
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath, PrunePathObjective, TauSweep, sweep
 from prunegraph.passes.train.loop import Train, TrainingHalted
+from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn_reference, prunepath_gates
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _pruning_fixtures import fresh, groups_of  # noqa: E402
 from _tiny_tokenizer import make_tokenizer  # noqa: E402
-
 
 
 def _routed(arch: str, group_size: int = 12, tau: float = 0.6, mode: str = "exclusive",

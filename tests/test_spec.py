@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from prunegraph.cli import run_command as run_cli
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.contract import Pass, PassResult, State, isolated_registry, register_pass
+from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.spec import Spec, load_spec, parse_value
 
 RAN: list[str] = []

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
+
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import State
 from prunegraph.passes.train.loop import Train, TrainingHalted, lr_factor
+from prunegraph.pipeline.contract import State
 
 
 def _train(state: State, run_dir, **kw):

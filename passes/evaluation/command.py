@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from prunegraph.atomic import atomic_write_text
 from prunegraph.cli.main import command
-from prunegraph.errors import PrunegraphError
 from prunegraph.data.tasks import load_task
 from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.errors import PrunegraphError
 
 __all__ = ["run_eval"]
 
@@ -42,10 +42,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, target)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 @command("eval", "perplexity and zero-shot multiple-choice accuracy of a model", _configure)

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Evaluate", "count_params"]
 

@@ -11,7 +11,13 @@ from typing import Any
 
 from prunegraph.errors import SpecError
 from prunegraph.ir.groups import Group
-from prunegraph.passes.gates.base import BUDGETS, DEFAULT_KINDS, SCOPES, GateFamily, check_fraction
+from prunegraph.passes.gates.base import (
+    BUDGETS,
+    DEFAULT_KINDS,
+    SCOPES,
+    GateFamily,
+    check_fraction,
+)
 from prunegraph.passes.gates.ddp import DDPGates
 from prunegraph.passes.gates.hard_concrete import HardConcreteGates
 

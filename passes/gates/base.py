@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from prunegraph.errors import BudgetError, SpecError
-from prunegraph.plan.gating import gate_shape
 from prunegraph.ir.groups import Group
+from prunegraph.plan.gating import gate_shape
 
 __all__ = ["GateFamily", "Constraint", "BUDGETS", "SCOPES", "DEFAULT_KINDS", "check_fraction"]
 

@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from prunegraph.errors import SpecError
+from prunegraph.passes.gates import (
+    DEFAULT_KINDS,
+    check_family,
+    check_fraction,
+    make_family,
+)
+from prunegraph.passes.gates.base import GateFamily
 from prunegraph.pipeline.contract import (
     Pass,
     PassResult,
@@ -26,8 +33,6 @@ from prunegraph.pipeline.contract import (
     nearest,
     register_pass,
 )
-from prunegraph.passes.gates import DEFAULT_KINDS, check_family, check_fraction, make_family
-from prunegraph.passes.gates.base import GateFamily
 
 __all__ = ["Gate"]
 

@@ -47,11 +47,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.passes.train.loop import Train
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.router import active_fraction, reset_stats, set_tau
+from prunegraph.passes.train.loop import Train
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "set_tau", "active_fraction", "sweep"]
 

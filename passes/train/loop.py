@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -57,6 +56,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from prunegraph.atomic import atomic_write
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.pipeline.contract import (
     Pass,
@@ -284,9 +284,7 @@ def calibration_stream(tokenizer, source: str, block_len: int) -> torch.Tensor:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _train_only(model: torch.nn.Module, groups: list[dict[str, Any]]) -> None:

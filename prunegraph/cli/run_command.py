@@ -15,7 +15,13 @@ import inspect
 
 from prunegraph.cli.main import command
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, declared_keys, nearest, registered_passes, type_name
+from prunegraph.pipeline.contract import (
+    Pass,
+    declared_keys,
+    nearest,
+    registered_passes,
+    type_name,
+)
 from prunegraph.pipeline.plugins import load_plugins
 
 __all__ = ["run_command", "passes_command", "describe_pass"]

@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.contract import State, nearest, registered_passes
+from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.pipeline import (
     SPEC_VERSION,
     Pipeline,

@@ -32,9 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.errors import CheckpointError, PlanError, PreconditionError, PrunegraphError
+from prunegraph.atomic import atomic_dir
+from prunegraph.errors import (
+    CheckpointError,
+    PlanError,
+    PreconditionError,
+    PrunegraphError,
+)
 from prunegraph.plan.extensions import registered_extensions
-from prunegraph.plan.plan import Plan, _atomic_dir
+from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
 
 __all__ = ["save_pruned", "from_pretrained", "saved_plan", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
@@ -149,7 +155,9 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    return _atomic_dir(path, write)
+    with atomic_dir(path) as tmp:
+        write(tmp)
+    return path
 
 
 def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str] = frozenset()

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from prunegraph.errors import PlanError, PrunegraphError
 from prunegraph.ir.groups import Group, Member

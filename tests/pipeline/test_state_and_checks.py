@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-
 from _pruning_fixtures import fresh, groups_of
+
 from prunegraph.errors import PassError, PostconditionError, SpecError
 from prunegraph.passes import Analyze, Fuse, Prune, Slice
 from prunegraph.passes.save import Save

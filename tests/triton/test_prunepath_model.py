@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from prunegraph.passes.prunepath import router as pp
-from prunegraph.pipeline.contract import State
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath
+from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
