@@ -58,7 +58,6 @@ no pass reads another pass's results from attributes hidden on the model. Four *
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import types
 import typing
@@ -73,6 +72,7 @@ from prunegraph.errors import (
     PreconditionError,
     PrunegraphError,
     SpecError,
+    nearest,
 )
 
 __all__ = [
@@ -98,14 +98,6 @@ __all__ = [
 AMBIENT_KEYS: tuple[str, ...] = ("metrics", "log", "run_dir", "progress")
 
 _LOG = logging.getLogger("prunegraph.pipeline.pipeline")
-
-
-def nearest(name: str, candidates: typing.Iterable[str], n: int = 3) -> str:
-    """A ``" Did you mean 'a' or 'b'?"`` suffix for an error message (empty if nothing is close)."""
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 # ------------------------------------------------------------------------------- state keys

@@ -39,6 +39,7 @@ from prunegraph.errors import (
     PreconditionError,
     PrunegraphError,
 )
+from prunegraph.ir.capture import tied_names
 from prunegraph.plan.extensions import registered_extensions
 from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
@@ -51,13 +52,6 @@ PLAN_STEM = "prunegraph_plan"
 #: Keys of the plan's extra JSON that the core itself writes (others name extensions).
 _PLAN_EXTRA_KEYS = frozenset({"base_config", "model_class", "tied", "hf_compatible"})
 _FIX = "re-save the model with prunegraph.save_pruned (or copy the folder again)"
-
-
-def _tied(model: nn.Module) -> list[list[str]]:
-    by_id: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(n)
-    return [names for names in by_id.values() if len(names) > 1]
 
 
 def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
@@ -129,7 +123,7 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
     added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
     _check_shapes(model, plan, base_config, skip=added)
 
-    tied = _tied(model)
+    tied = tied_names(model)
     aliases = {n for names in tied for n in names[1:]}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if k not in aliases}

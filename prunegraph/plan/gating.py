@@ -149,11 +149,6 @@ class GateSet:
         self._folded: list[tuple[nn.Module, str]] = []
         self._hooks: list[Any] = []
 
-    def set(self, name: str, value: torch.Tensor) -> None:
-        """Replace one group's values after checking the shape."""
-        _check_value(self.groups[name], value)
-        self.values[name] = value
-
     def remove(self) -> None:
         """Take every gate off; parameters are the original tensors again."""
         for module, attr in self._folded:

@@ -40,6 +40,7 @@ import torch
 
 from prunegraph.atomic import atomic_dir
 from prunegraph.errors import BudgetError, PlanError
+from prunegraph.ir.capture import tied_names
 from prunegraph.ir.groups import Group, kept_masks, removed_params
 from prunegraph.plan.gating import gate_shape
 
@@ -74,10 +75,7 @@ def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         cfg = json.loads(json.dumps(cfg, sort_keys=True, default=str))
     params = {_param_name(n): list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     total = sum(p.numel() for p in model.parameters())
-    by_id: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(_param_name(n))
-    tied = [names for names in by_id.values() if len(names) > 1]
+    tied = [[_param_name(n) for n in names] for names in tied_names(model)]
     return {"model_class": type(model).__name__, "config_sha256": _sha(cfg),
             "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg, "params": params}
 
