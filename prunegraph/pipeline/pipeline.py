@@ -67,7 +67,6 @@ SPEC_VERSION = 1
 DEFAULT_INITIAL: tuple[str, ...] = ("model", "tokenizer")
 
 _LOG = logging.getLogger("prunegraph.pipeline.pipeline")
-_CHECKS: dict[str, tuple[tuple[str, ...], Callable[[State], None]]] = {}
 
 
 @dataclass(frozen=True)
