@@ -97,7 +97,7 @@ __all__ = [
 #: State keys that every :class:`State` has; passes need not list them in ``requires``.
 AMBIENT_KEYS: tuple[str, ...] = ("metrics", "log", "run_dir", "progress")
 
-_LOG = logging.getLogger("prunegraph.pipeline.pipeline")
+_LOG = logging.getLogger("prunegraph.pipeline")
 
 
 # ------------------------------------------------------------------------------- state keys

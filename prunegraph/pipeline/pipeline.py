@@ -66,7 +66,7 @@ __all__ = [
 SPEC_VERSION = 1
 DEFAULT_INITIAL: tuple[str, ...] = ("model", "tokenizer")
 
-_LOG = logging.getLogger("prunegraph.pipeline.pipeline")
+_LOG = logging.getLogger("prunegraph.pipeline")
 
 
 @dataclass(frozen=True)
