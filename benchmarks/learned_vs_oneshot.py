@@ -40,7 +40,7 @@ from prunegraph.passes.prune import Prune
 from prunegraph.passes.slice import Slice
 from prunegraph.passes.train.loop import Train
 from prunegraph.data.tasks import load_task
-from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.data.blocks import text_blocks
 
 ONESHOT = ("magnitude", "wanda", "taylor")
 LEARNED = ("ddp", "hard_concrete")
@@ -218,8 +218,7 @@ def main() -> None:
         groups = [Group.from_dict(d) for d in json.loads(Path(args.groups).read_text())]
     else:
         groups = analyze(base).groups
-    _, held_out = split_documents(load_documents("wikipedia"))
-    blocks = token_blocks(tokenizer, held_out, 512, args.ppl_blocks)
+    blocks = text_blocks(tokenizer, "wikipedia", "evaluation", 512, args.ppl_blocks)
     tasks = {t: load_task(t) for t in args.tasks}
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or "cpu", "torch": torch.__version__,

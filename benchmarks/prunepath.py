@@ -67,10 +67,9 @@ def load(name: str):
 
 
 def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
-    from prunegraph.data.text import load_documents, split_documents, token_blocks
+    from prunegraph.data.blocks import text_blocks
 
-    _, docs = split_documents(load_documents("wikipedia"))
-    return token_blocks(tokenizer, docs, seq_len, n_blocks)
+    return text_blocks(tokenizer, "wikipedia", "evaluation", seq_len, n_blocks)
 
 
 def load_groups(path: Path | None, model) -> list:
@@ -152,10 +151,10 @@ def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int,
     from prunegraph.plan.gating import apply_gates
     from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.importance import score_groups
-    from prunegraph.passes.prune import calibration_blocks
+    from prunegraph.data.blocks import text_blocks
 
     channels = [g for g in groups if g.kind == "channels"]
-    calib = calibration_blocks(tokenizer, "wikipedia", 128, calib_blocks)
+    calib = text_blocks(tokenizer, "wikipedia", "calibration", 128, calib_blocks)
     scores = score_groups(model, channels, "wanda", blocks=calib, progress=False)
     device = next(model.parameters()).device
     rows = []

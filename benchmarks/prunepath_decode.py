@@ -162,10 +162,9 @@ def make_prompt(tokenizer, vocab: int, length: int, seed: int = 0) -> torch.Tens
     """A fixed ``[1, length]`` prompt: held-out Wikipedia text, or random ids without a
     tokenizer."""
     if tokenizer is not None:
-        from prunegraph.data.text import load_documents, split_documents, token_blocks
+        from prunegraph.data.blocks import text_blocks
 
-        _, held_out = split_documents(load_documents("wikipedia"))
-        return token_blocks(tokenizer, held_out, block_len=length, n_blocks=1, seed=seed)
+        return text_blocks(tokenizer, "wikipedia", "evaluation", length, 1, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (1, length), generator=gen)
 

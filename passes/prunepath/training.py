@@ -290,13 +290,13 @@ class TauSweep(Pass):
                 raise SpecError(f"TauSweep.{key} must be >= {low}, got {getattr(self, key)}")
 
     def run(self, state: State) -> PassResult:
-        from prunegraph.data.text import load_documents, split_documents, token_blocks
+        from prunegraph.data.blocks import text_blocks
 
         if not pp.is_installed(state.model):
             raise SpecError("TauSweep needs a PrunePath model: put MoEfy and PrunePath before "
                             "it, or load a folder saved from one (model: DIR/model)")
-        _, held_out = split_documents(load_documents(self.source))
-        blocks = token_blocks(state.tokenizer, held_out, self.seq_len, self.ppl_blocks)
+        blocks = text_blocks(state.tokenizer, self.source, "evaluation", self.seq_len,
+                             self.ppl_blocks)
         rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress))
         state.metrics["sweep"] = rows
         for r in rows:

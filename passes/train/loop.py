@@ -8,8 +8,9 @@ provide is the :class:`Objective` protocol below; the loop knows nothing else ab
 Only the model parameters an objective lists in its optimizer groups train; every other model
 parameter is frozen (``requires_grad=False``), so mask training leaves the weights alone. The
 model runs in eval mode (no dropout). Each step draws ``batch_size * grad_accum`` blocks of
-``block_len`` tokens from the *calibration* split of ``source`` (a seeded permutation, so step
-``t`` always sees the same blocks) and minimises, per micro-batch::
+``block_len`` tokens from the *calibration* split of ``source``
+(:func:`prunegraph.data.blocks.text_blocks`; a seeded permutation, so step ``t`` always sees the
+same blocks) and minimises, per micro-batch::
 
     CE(student) + kd_weight * KL(teacher || student) + objective.penalty(step)
 
@@ -257,25 +258,6 @@ def _order(n_blocks: int, needed: int, seed: int) -> torch.Tensor:
     return torch.cat(chunks)[:needed]
 
 
-_BLOCKS: dict[tuple[int, str, int], tuple[Any, torch.Tensor]] = {}
-
-
-def calibration_stream(tokenizer, source: str, block_len: int) -> torch.Tensor:
-    """Every ``block_len`` block of the calibration split of ``source`` (cached per tokenizer:
-    benchmarks train several families in one process)."""
-    from prunegraph.data.text import load_documents, split_documents, token_blocks
-
-    key = (id(tokenizer), source, block_len)
-    hit = _BLOCKS.get(key)
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    calibration, _ = split_documents(load_documents(source))
-    blocks = token_blocks(tokenizer, calibration, block_len, None)
-    _BLOCKS.clear()
-    _BLOCKS[key] = (tokenizer, blocks)
-    return blocks
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -458,7 +440,9 @@ class Train(Pass):
         if tokenizer is None:
             raise SpecError("Train needs a tokenizer for its calibration text; load a model "
                             "that ships one")
-        return calibration_stream(tokenizer, self.source, self.block_len)
+        from prunegraph.data.blocks import text_blocks
+
+        return text_blocks(tokenizer, self.source, "calibration", self.block_len)
 
     def _checkpoint_path(self, folder: Path | None) -> Path | None:
         """Where the checkpoint lives (folders created); None without a run folder."""
