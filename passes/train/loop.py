@@ -112,13 +112,13 @@ class Objective(Protocol):
 
 class GateObjective:
     """A gate family (:class:`~prunegraph.passes.gates.GateFamily`) as a Train objective: its
-    gates and dual variables train, its Lagrangian budget terms are the penalty, and the
-    teacher is the model with every gate at 1. Only the family's public methods are called.
+    gates and dual variables train, its budget terms are the penalty, and the teacher is the
+    model with every gate at 1. Only the family's interface is called.
 
     With ``polish_steps`` the run has two phases. The *search* (the first ``total -
     polish_steps`` steps, over which the family anneals) is the method as published. At the
     start of the *polish* the family's values are turned into the exact plan Finalize would make
-    (``topk``, :func:`~prunegraph.passes.finalize.plan_from_values`); from then on the removed
+    (``family.finalize(values, mode="topk")``); from then on the removed
     units are held at 0 and the kept gates train on without the budget terms, so they learn to
     make up for the units that the search left small but not yet at 0. Still only gates train."""
 
@@ -126,14 +126,12 @@ class GateObjective:
         self.family, self.gates = family, gates
         self.name = family.name
         self.ones = {n: torch.ones_like(v) for n, v in family.final_values().items()}
-        self.shown = ("achieved_sparsity", f"l1_{family.constraints[0].name}")
+        self.shown = ("achieved_sparsity", *family.progress_keys())
         self.polish_steps, self.model = polish_steps, model
         self.mask: dict[str, torch.Tensor] | None = None
 
     def config(self) -> dict[str, Any]:
-        fam = self.family
-        return {"family": fam.name, "sparsity": fam.sparsity, "budget": fam.budget,
-                "scope": fam.scope, "groups": [g.name for g in fam.groups]}
+        return self.family.config()
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.family.param_groups()
@@ -150,11 +148,9 @@ class GateObjective:
         return min(step, search), search, step >= search
 
     def _polish_mask(self) -> dict[str, torch.Tensor]:
-        from prunegraph.passes.finalize import plan_from_values
-
         final = self.family.final_values()
         values = {n: v.detach().float().cpu() for n, v in final.items()}
-        planned = plan_from_values(self.family, values, "topk", model=self.model).gate_values()
+        planned = self.family.finalize(values, mode="topk", model=self.model).gate_values()
         # on the gates' device and dtype once, so the per-forward multiply moves nothing
         return {n: (planned[n] != 0).to(v.device, v.dtype) for n, v in final.items()}
 
@@ -214,9 +210,7 @@ class GateObjective:
                  "expected_sparsity": round(last.get("expected_sparsity", float("nan")), 6),
                  "steps_to_target": reached}
         if plots is not None:
-            from prunegraph.passes.train.plots import write_plots
-
-            write_plots(plots, history, fam, final)
+            fam.write_plots(plots, history, final)
         how = f"target reached at step {reached}" if reached else "target not reached"
         if self.polish_steps:
             how = (f"{how} by the search; the last {self.polish_steps} steps polished under "
