@@ -38,7 +38,7 @@ from prunegraph.passes.finalize import Finalize
 from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.prune import Prune
 from prunegraph.passes.slice import Slice
-from prunegraph.passes.train.loop import Train
+from prunegraph.passes.train import Train
 from prunegraph.data.tasks import load_task
 from prunegraph.data.blocks import text_blocks
 

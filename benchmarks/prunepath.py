@@ -98,9 +98,13 @@ def load_spec(path: Path, sets: list[str] | tuple = ()):
 def example_passes(args) -> tuple[list, int]:
     """The example's passes with this run's overrides, minus ``Load`` and ``Analyze`` (the model
     and groups come from here) and ``Save`` unless ``--save`` is given; and the spec's seed."""
-    sets = [f"PrunePath.{key}={getattr(args, key)}"
-            for key in ("warmup_steps", "steps", "batch_size", "block_len")
-            if getattr(args, key) is not None]
+    example = next(p for p in load_spec(EXAMPLE).pipeline.passes if p.pass_name() == "PrunePath")
+    warmup = args.warmup_steps if args.warmup_steps is not None else example.warmup_steps
+    sparse = args.steps if args.steps is not None else example.train.steps - example.warmup_steps
+    train = {**example.train.to_dict(), "steps": warmup + sparse}  # both stages
+    train.update({k: getattr(args, k) for k in ("batch_size", "block_len")
+                  if getattr(args, k) is not None})
+    sets = [f"PrunePath.warmup_steps={warmup}", f"PrunePath.train={json.dumps(train)}"]
     sets += [f"{p}.{k}={v}" for p in ("Evaluate", "TauSweep")
              for k, v in (("ppl_blocks", args.ppl_blocks), ("seq_len", args.seq_len))]
     sets.append(f"TauSweep.taus={args.taus}")
@@ -132,6 +136,15 @@ def from_run(run: Path) -> dict:
     passes = load_spec(run / "spec.yaml").pipeline.passes
     params = next(p for p in passes if p.pass_name() == "PrunePath").params()
     return points(metrics, params, run=str(run), saved=metrics.get("model_dir"))
+
+
+def flat_params(params: dict) -> dict:
+    """PrunePath's parameters with its training settings flat and ``steps`` the sparse stage
+    (as results written before the settings moved under ``train`` hold them)."""
+    if "train" not in params:
+        return params
+    train = params["train"]
+    return {**params, **train, "steps": train["steps"] - params["warmup_steps"]}
 
 
 def points(metrics: dict, params: dict, run: str | None, saved: str | None) -> dict:
@@ -190,7 +203,7 @@ def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.gates.insert import Gate
     from prunegraph.passes.slice import Slice
-    from prunegraph.passes.train.loop import Train
+    from prunegraph.passes.train import Train
 
     say(f"static ddp f={fraction:.3f}: training on {cfg['device']}")
     base, tok = load(MODEL)
@@ -340,7 +353,7 @@ def setup_line(result: dict) -> str:
 def method_line(result: dict) -> str:
     """The settings of each side."""
     pp, ddp = result["prunepath"], result["ddp"]
-    p, moefy = pp["params"], pp["moefy"]
+    p, moefy = flat_params(pp["params"]), pp["moefy"]
     text = (f"MoEfy: {moefy.get('experts')} experts × {moefy.get('group_size')} channels per "
             f"MLP (balanced k-means on the gate rows). PrunePath: {p['warmup_steps']} dense "
             f"warm-up steps at τ {p['warmup_tau']}, then {p['steps']} sparse steps at τ "
@@ -426,6 +439,7 @@ def device_name(device: torch.device) -> str:
 def ddp_config(args, prunepath_params: dict, fractions: list[float]) -> dict:
     """The static DDP settings: PrunePath's batch shape unless given, one worker process per
     point on CUDA unless given."""
+    prunepath_params = flat_params(prunepath_params)
     batch = args.batch_size or prunepath_params["batch_size"]
     block = args.block_len or prunepath_params["block_len"]
     on_cuda = args.device.startswith("cuda")

@@ -105,7 +105,7 @@ def moefy_and_route(model, group_size: int, iters: int) -> None:
 
     state = State(model=model, groups=list(analyze(model).groups))
     state = MoEfy(group_size=group_size, iters=iters)(state).state
-    PrunePath(warmup_steps=0, steps=0)(state)
+    PrunePath(warmup_steps=0, train=dict(steps=0))(state)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
 from prunegraph.errors import SpecError
 from prunegraph.pipeline.contract import State
-from prunegraph.passes.train.loop import Train, TrainingHalted, lr_factor
+from prunegraph.passes.train import Train, TrainingHalted, lr_factor
 
 
 def _train(state: State, run_dir, **kw):
