@@ -253,6 +253,9 @@ class PrunePath(Pass):
     @classmethod
     def parameter_help(cls, full: bool) -> list[str]:
         """The nested training settings with PrunePath's defaults (``prunegraph passes``)."""
+        if not full:
+            return ["train holds the training loop's settings; `prunegraph passes PrunePath` "
+                    "lists them"]
         return TrainConfig.describe("train.", TRAINING)
 
     def validate(self) -> None:

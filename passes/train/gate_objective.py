@@ -40,7 +40,7 @@ class GateObjective:
         self.family, self.gates = family, gates
         self.name = family.name
         self.kd_weight = float(kd_weight)
-        self.ones = {n: torch.ones_like(v) for n, v in family.final_values().items()}
+        self.ones: dict[str, torch.Tensor] | None = None  # the teacher's values, made once
         self.shown = ("achieved_sparsity", *family.progress_keys())
         self.polish_steps, self.model = polish_steps, model
         self.mask: dict[str, torch.Tensor] | None = None
@@ -58,6 +58,8 @@ class GateObjective:
     @contextmanager
     def teacher(self) -> Iterator[None]:
         """Every gate at 1: the dense model (the student's values are set again after)."""
+        if self.ones is None:  # only with distillation: per-weight families are model-sized
+            self.ones = {n: torch.ones_like(v) for n, v in self.family.final_values().items()}
         self.gates.values.update(self.ones)
         yield
 
