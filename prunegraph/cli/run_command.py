@@ -102,4 +102,7 @@ def describe_pass(cls: type[Pass], full: bool = False) -> str:
     for k, default in cls.param_defaults().items():
         tail = "(required)" if default is dataclasses.MISSING else f"= {default!r}"
         lines.append(f"    {k}: {type_name(types_[k])} {tail}")
+    more = getattr(cls, "parameter_help", None)  # a pass's nested settings, gate families ...
+    if callable(more):
+        lines.extend(f"    {line}" for line in more(full))
     return "\n".join(lines)
