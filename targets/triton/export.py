@@ -10,18 +10,18 @@ renamed. Install the kernels with :func:`prunegraph.targets.triton.runner.instal
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Literal
 
-import torch
 from torch import nn
 
-from prunegraph.errors import PreconditionError, SpecError
+from prunegraph.errors import PreconditionError
+from prunegraph.pipeline.contract import State
 from prunegraph.pipeline.runfolder import atomic_write_text
-from prunegraph.targets.export_cli import export_target
+from prunegraph.pipeline.targets import check_folder_output, target
 
-__all__ = ["swiglu_mlp_paths", "export_triton"]
+__all__ = ["ExportTriton", "export_triton", "swiglu_mlp_paths", "triton_target"]
 
 
 def swiglu_mlp_paths(model: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -46,20 +46,24 @@ def swiglu_mlp_paths(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return paths, skipped
 
 
-def export_triton(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False) -> dict:
-    """Write ``kernels.py`` and ``layers.json`` for ``model``'s SwiGLU MLPs into ``out_dir``."""
-    from prunegraph.targets.triton.codegen import generate_source
+def export_triton(model: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
+                  dtype: str | None = None) -> dict:
+    """Write ``kernels.py`` and ``layers.json`` for ``model``'s SwiGLU MLPs into ``out_dir``;
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``) generates kernels for weights of that
+    type instead of the model's."""
+    from prunegraph.targets.triton.codegen import MLPShape, generate_source
     from prunegraph.targets.triton.runner import mlp_shapes
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SpecError(f"{out} exists and is not empty; pass --overwrite or another OUT_DIR")
+    check_folder_output(out, overwrite)
     paths, skipped = swiglu_mlp_paths(model)
     if not paths:
         raise PreconditionError(
             "no MLP of this model is a bias-free SwiGLU (gate_proj, up_proj, down_proj, SiLU), "
             f"which is what the Triton kernels implement; skipped: {skipped}")
     shapes = mlp_shapes(model, paths)
+    if dtype is not None:
+        shapes = [MLPShape(s.name, s.hidden, s.intermediate, dtype) for s in shapes]
     source = generate_source(shapes)
     out.mkdir(parents=True, exist_ok=True)
     kernels = atomic_write_text(out / "kernels.py", source)
@@ -71,17 +75,15 @@ def export_triton(model: nn.Module, out_dir: str | Path, *, overwrite: bool = Fa
             "skipped": skipped}
 
 
-def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="generate kernels for this weight dtype (default: the model's)")
+@target("triton", pass_name="ExportTriton", provides="triton_kernels", output="triton")
+def triton_target(state: State, out: Path, *, overwrite: bool,
+                  dtype: Literal["float32", "bfloat16", "float16"] | None = None) -> dict:
+    """Triton SwiGLU kernels specialised to each layer's (pruned) MLP widths.
+
+    Args:
+        dtype: generate kernels for weights of this type (default: the model's).
+    """
+    return export_triton(state.model, out, overwrite=overwrite, dtype=dtype)
 
 
-@export_target("triton", "generate Triton SwiGLU kernels specialised to each layer's (pruned) widths",
-               _configure)
-def _export_command(args: argparse.Namespace) -> dict:
-    from prunegraph.targets.onnx import load_run_or_model
-
-    model, _ = load_run_or_model(args.model)
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
-    return export_triton(model, args.out, overwrite=args.overwrite)
+ExportTriton = triton_target.pass_class
