@@ -15,7 +15,9 @@ its optimisations on the two float32 results differ by 1.2e-2 to 1.4e-2; ``rtol 
 Tiny random models agree to ~1e-6 (the tests hold them to 1e-4).
 
 The graph has inputs ``input_ids`` and ``attention_mask`` (int64, ``[batch, seq]``) and output
-``logits`` (``[batch, seq, vocab]``). A decode graph with past key/values is not exported.
+``logits`` (``[batch, seq, vocab]``). A decode graph with past key/values is not exported. The
+trace is the core's (:func:`prunegraph.ir.capture.export_program`, as ``capture`` traces) with the
+ONNX target's own dynamic axes.
 
 Everything is written into a temporary folder next to the target and moved into place only after
 the checks pass, so a failed export leaves nothing. An export that fails names the op and the
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.ir.capture import traceable_experts
+from prunegraph.ir.capture import export_program, traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
 from prunegraph.pipeline.contract import State
 from prunegraph.pipeline.targets import check_file_output, load_source, target
@@ -205,8 +207,8 @@ def _trace(wrapper: _Logits, inputs: dict[str, torch.Tensor]) -> torch.export.Ex
     shapes = {k: {0: batch, 1: seq} for k in inputs}
     where = _Where(wrapper.model)
     try:
-        with torch.no_grad(), where.mode:
-            return torch.export.export(wrapper, (), inputs, dynamic_shapes=shapes, strict=False)
+        with where.mode:
+            return export_program(wrapper, inputs, shapes, model=wrapper.model)
     except Exception as e:
         raise OnnxExportError(
             f"torch.export could not trace {type(wrapper.model).__name__} for ONNX: "
