@@ -1,5 +1,5 @@
-"""The HF checkpoint as a target: the ``Save`` pass (the name specs use) and ``prunegraph export hf``
-write folders that ``from_pretrained`` rebuilds, from one declaration."""
+"""The HF checkpoint as a target: the ``Save`` pass (the name specs use) and
+``prunegraph export hf`` write folders that ``from_pretrained`` rebuilds, from one declaration."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ parameters; the ``Args:`` section of its docstring is their help::
 
     @target("onnx", pass_name="ExportONNX", provides="onnx_path", output="model.onnx",
             suffix=".onnx")
-    def onnx(state, out, *, overwrite: bool, check: bool = True, atol: float = 1e-4) -> dict:
+    def onnx_target(state, out, *, overwrite: bool, check: bool = True,
+                    atol: float = 1e-4) -> dict:
         \"\"\"An ONNX logits graph with dynamic batch and sequence axes.
 
         Args:
@@ -24,8 +25,8 @@ Registering it makes, from that one declaration:
   ``state.<provides>`` to the path written and records the report in ``metrics.json``;
 * the command ``prunegraph export onnx RUN_OR_MODEL OUT [--check/--no-check] [--atol F]
   [--overwrite]`` (:mod:`prunegraph.cli.export_command`);
-* a Python call, ``onnx("runs/demo", "m.onnx", atol=1e-3)``, whose source is a run folder, a
-  model folder, a ``load_model`` spec, an ``nn.Module`` or a :class:`State`.
+* a Python call, ``onnx_target("runs/demo", "m.onnx", atol=1e-3)``, whose source is a run
+  folder, a model folder, a ``load_model`` spec, an ``nn.Module`` or a :class:`State`.
 
 All three check parameters the way passes do (types, the nearest valid name for an unknown one,
 the target's own ``validate``) and refuse a bad output (``check_output``) before anything is
@@ -132,7 +133,8 @@ def _param_help(fn: Callable) -> dict[str, str]:
             break
         text = line.strip()
         head, sep, rest = text.partition(":")
-        if sep and line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
+        entry = line.startswith("    ") and not line.startswith("     ")
+        if sep and entry and head.isidentifier():
             current = head
             out[current] = rest.strip()
         elif current and text:

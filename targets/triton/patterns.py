@@ -65,7 +65,8 @@ def _activation(node: fx.Node) -> str | None:
     if node.target in (aten.relu.default, aten.relu_.default):
         return "relu"
     if node.target is aten.gelu.default:
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        default = node.args[1] if len(node.args) > 1 else "none"
+        approximate = node.kwargs.get("approximate", default)
         return "gelu_tanh" if approximate == "tanh" else "gelu"
     return None
 
