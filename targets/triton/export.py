@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from prunegraph.errors import PreconditionError
 from prunegraph.pipeline.contract import State
@@ -64,6 +65,9 @@ def export_triton(model: nn.Module, out_dir: str | Path, *, overwrite: bool = Fa
 
     out = Path(out_dir)
     check_folder_output(out, overwrite)
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise PreconditionError("the model still has gates (parametrizations); slice it (Slice "
+                                "pass / apply_plan) or fold them (Fuse pass) before exporting")
     mlps, skipped = swiglu_mlps(model)
     if not mlps:
         raise PreconditionError(

@@ -89,3 +89,14 @@ def test_export_triton_pass_writes_into_the_run_folder(tmp_path):
     assert result.state.metrics["triton"]["layers"] == len(layers) == 2
     assert {v["dtype"] for v in layers.values()} == {"bfloat16"}
     assert next(model.parameters()).dtype == torch.float32  # the pipeline's model is not cast
+
+
+def test_a_gated_model_is_refused(tmp_path):
+    from _pruning_fixtures import groups_of
+    from prunegraph.plan.gating import apply_gates
+
+    model = fresh("llama")
+    apply_gates(model, list(groups_of("llama")))
+    with pytest.raises(PreconditionError, match="still has gates"):
+        export_triton(model, tmp_path / "k")
+    assert not (tmp_path / "k").exists()
