@@ -12,9 +12,18 @@ from prunegraph.passes.fuse import Fuse
 from prunegraph.passes.gates import Gate
 from prunegraph.passes.prune import Prune
 from prunegraph.passes.prunepath import MoEfy, PrunePath, TauSweep
-from prunegraph.passes.save import Save
 from prunegraph.passes.slice import Slice
 from prunegraph.passes.train import Train
 
 __all__ = ["Analyze", "Evaluate", "Finalize", "Fuse", "Gate", "MoEfy", "Prune", "PrunePath",
            "Save", "Slice", "TauSweep", "Train"]
+
+
+def __getattr__(name: str):
+    """``Save`` is the HF checkpoint target's pass (``prunegraph.targets.hf``); it stays
+    importable from here, where pipelines written before the move import it."""
+    if name == "Save":
+        from prunegraph.targets.hf import Save
+
+        return Save
+    raise AttributeError(f"module 'prunegraph.passes' has no attribute {name!r}")

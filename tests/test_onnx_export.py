@@ -205,3 +205,25 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["export", "onnx", str(run), out]) == 2
     assert "no model/ folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [run]
+
+
+def test_onnx_and_capture_trace_through_one_export_wrapper(tmp_path, monkeypatch):
+    """Both call torch.export from prunegraph.ir.capture.export_program (no grad, KV cache off,
+    traceable experts), so a fix to tracing reaches both."""
+    import sys
+
+    from prunegraph.errors import CaptureError
+    from prunegraph.ir.capture import capture
+
+    callers = []
+
+    def fake_export(*args, **kwargs):
+        callers.append((sys._getframe(1).f_code.co_name, torch.is_grad_enabled()))
+        raise RuntimeError("not traced in this test")
+
+    monkeypatch.setattr(torch.export, "export", fake_export)
+    with pytest.raises(OnnxExportError, match="not traced in this test"):
+        export_onnx(_TinyLM(nn.Identity()), tmp_path / "m.onnx")
+    with pytest.raises(CaptureError, match="not traced in this test"):
+        capture(_TinyLM(nn.Identity()))
+    assert callers == [("export_program", False)] * 2

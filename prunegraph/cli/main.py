@@ -1,8 +1,9 @@
 """The ``prunegraph`` command line.
 
-Subcommands register themselves with :func:`command`; the core defines ``inspect`` and loads the
-rest from plugins (``prunegraph.passes``, ``prunegraph.targets``) through the
-``prunegraph.pipeline.plugins`` entry-point group, so the core never imports them by name.
+Subcommands register themselves with :func:`command`; the core defines ``inspect``, ``run``,
+``passes`` and ``export`` (one subcommand per registered target) and loads the rest from plugins
+(``prunegraph.passes``, ``prunegraph.targets``) through the ``prunegraph.pipeline.plugins``
+entry-point group, so the core never imports them by name.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import prunegraph.cli.export_command  # noqa: F401  (registers `export`, one per target)
     import prunegraph.cli.inspect_command  # noqa: F401  (registers `inspect`)
     import prunegraph.cli.run_command  # noqa: F401  (registers `run` and `passes`)
 

@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from prunegraph.errors import CaptureError
 
-__all__ = ["Graph", "capture", "module_path", "canonical_parameters"]
+__all__ = ["Graph", "capture", "export_program", "module_path", "canonical_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,18 @@ def _dynamic_shapes(kwargs: dict, auto: bool) -> dict:
     return shapes
 
 
+def export_program(module: torch.nn.Module, kwargs: dict, dynamic_shapes: dict | None, *,
+                   model: torch.nn.Module | None = None) -> torch.export.ExportedProgram:
+    """prunegraph's one ``torch.export`` call: non-strict, no grad, with ``model``'s KV cache and
+    data-dependent expert loops off for the duration. ``module`` is what is traced (the model, or
+    a wrapper around it such as the ONNX target's logits graph); ``model`` defaults to it."""
+    with _export_friendly(module if model is None else model), torch.no_grad():
+        return torch.export.export(module, (), kwargs, dynamic_shapes=dynamic_shapes,
+                                   strict=False)
+
+
 def _export(model: torch.nn.Module, kwargs: dict, shapes: dict | None):
-    with _export_friendly(model), torch.no_grad():
-        return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+    return export_program(model, kwargs, shapes)
 
 
 def _constraint_violation(error: Exception) -> bool:

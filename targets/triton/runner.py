@@ -4,10 +4,11 @@ Two installers share :func:`uninstall`: :func:`install_triton_mlps` (dense or pr
 generated fused SwiGLU launchers) and :func:`install_prunepath_mlps` (a PrunePath model's routed
 MLPs, the top-p expert kernels of :mod:`~prunegraph.targets.triton.prunepath`).
 
-For :func:`install_triton_mlps` an MLP qualifies when it has ``gate_proj``, ``up_proj`` and
-``down_proj`` ``nn.Linear`` children without bias and a SiLU activation (checked numerically, so
-any SiLU class passes) and its forward is ``down(act(gate(x)) * up(x))``; the caller names the
-modules by path. :func:`install_prunepath_mlps` finds the gate, up and down weights from the
+For :func:`install_triton_mlps` an MLP qualifies when the captured graph shows its forward is
+exactly ``down(silu(x @ Wg^T) * (x @ Wu^T))`` with no bias (a gated MLP of
+:mod:`~prunegraph.targets.triton.patterns`, whatever its modules are called; a fused
+``gate_up_proj`` too); the caller names the modules by path or passes the patterns found.
+:func:`install_prunepath_mlps` finds the gate, up and down weights from the
 routers' MoEfy layout (fused ``gate_up_proj`` too), so nothing here knows an architecture.
 Either installed forward falls back to the module's own forward, with one warning per reason,
 when the kernels cannot run: the input is on a device triton does not target (anything but
@@ -17,6 +18,7 @@ needs a graph (the kernels have no backward).
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from collections.abc import Sequence
@@ -29,29 +31,71 @@ from torch import nn
 from prunegraph.errors import PreconditionError
 from prunegraph.passes.prunepath import router as pp
 from prunegraph.targets.triton.codegen import MLPShape, load_module
+from prunegraph.targets.triton.patterns import GatedMLP, gated_mlps
 from prunegraph.targets.triton.prunepath import prunepath_ffn
 from prunegraph.targets.triton.swiglu import interpreting
 
-__all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall"]
+__all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall",
+           "unsupported"]
 
 _MARK = "_prunegraph_triton_forward"
 _ACT_NAMES = ("act_fn", "act", "activation_fn", "activation")
 _TRITON_DEVICES = ("cuda", "xpu")
 
 
-def _linears(mlp: nn.Module, path: str) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+def unsupported(mlp: GatedMLP) -> str | None:
+    """Why the SwiGLU kernels cannot serve a gated MLP (None: they can)."""
+    if mlp.module is None:
+        return (f"{mlp.group or mlp.down}: {mlp.module_reason}, so no module's forward can be "
+                f"swapped")
+    if mlp.activation != "silu":
+        return (f"{mlp.module}: activation {mlp.activation} is not SiLU; the Triton kernels "
+                f"implement SwiGLU only")
+    if mlp.bias:
+        return f"{mlp.module}: a projection has a bias, which the Triton SwiGLU kernels do not add"
+    return None
+
+
+@contextlib.contextmanager
+def _pytorch_forwards(model: nn.Module):
+    """MLPs that run Triton kernels run their own forward meanwhile (so the model captures)."""
+    swapped = [(m, m.__dict__["forward"]) for m in model.modules() if hasattr(m, _MARK)]
+    for mlp, _ in swapped:
+        previous = getattr(mlp, _MARK)
+        if previous is None:
+            del mlp.forward
+        else:
+            mlp.forward = previous
+    try:
+        yield
+    finally:
+        for mlp, forward in swapped:
+            mlp.forward = forward
+
+
+def _resolve(model: nn.Module, mlps: Sequence[str | GatedMLP]) -> list[GatedMLP]:
+    """Gated MLP patterns for ``mlps``; module paths are looked up in the model's graph."""
+    by_path = None
     out = []
-    for attr in ("gate_proj", "up_proj", "down_proj"):
-        lin = getattr(mlp, attr, None)
-        if not isinstance(lin, nn.Linear):
+    for item in mlps:
+        if isinstance(item, GatedMLP):
+            out.append(item)
+            continue
+        try:
+            if hasattr(model.get_submodule(item), _MARK):
+                raise PreconditionError(f"{item} already runs Triton kernels; call uninstall "
+                                        f"first")
+        except AttributeError as e:
+            raise PreconditionError(f"model has no submodule {item!r}: {e}") from e
+        if by_path is None:
+            with _pytorch_forwards(model):
+                by_path = {m.module: m for m in gated_mlps(model).mlps if m.module is not None}
+        if item not in by_path:
             raise PreconditionError(
-                f"{path}: expected an nn.Linear child {attr!r} (SwiGLU MLP with gate_proj, "
-                f"up_proj, down_proj); found {type(lin).__name__}. Pass only such MLP paths")
-        if lin.bias is not None:
-            raise PreconditionError(f"{path}.{attr} has a bias, which the Triton SwiGLU kernels "
-                                    f"do not add; leave this MLP out of mlp_paths")
-        out.append(lin)
-    return out[0], out[1], out[2]
+                f"{item} is not a gated MLP (down(act(x @ Wg^T) * (x @ Wu^T)) alone in one "
+                f"module); the model's are: {', '.join(by_path) or 'none'}. Pass only those")
+        out.append(by_path[item])
+    return out
 
 
 def _check_silu(mlp: nn.Module, path: str, like: torch.Tensor) -> None:
@@ -71,12 +115,15 @@ def _check_silu(mlp: nn.Module, path: str, like: torch.Tensor) -> None:
                                 f"implement SwiGLU only, leave this MLP out of mlp_paths")
 
 
-def mlp_shapes(model: nn.Module, mlp_paths: Sequence[str]) -> list[MLPShape]:
-    """The :class:`MLPShape` of each listed MLP, read from its live weights (for codegen)."""
+def mlp_shapes(model: nn.Module, mlp_paths: Sequence[str | GatedMLP]) -> list[MLPShape]:
+    """The :class:`MLPShape` of each listed MLP (a module path or a found pattern), read from its
+    live weights (for codegen)."""
     shapes = []
-    for path in mlp_paths:
-        gate, _, _ = _linears(model.get_submodule(path), path)
-        shapes.append(MLPShape(path, gate.in_features, gate.out_features, gate.weight.dtype))
+    for mlp in _resolve(model, mlp_paths):
+        if mlp.module is None:
+            raise PreconditionError(unsupported(mlp))
+        wg = mlp.weight_reader(model.get_submodule(mlp.module))()[0]
+        shapes.append(MLPShape(mlp.module, wg.shape[1], wg.shape[0], wg.dtype))
     return shapes
 
 
@@ -98,9 +145,9 @@ def _warn_once(reason: str, warned: set[str]) -> None:
         warnings.warn(f"Triton MLPs fall back to PyTorch: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def _make_forward(run, original, warned: set[str]):
+def _make_forward(run, weights, original, warned: set[str]):
     def forward(self, x, *args, **kwargs):
-        w = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        w = weights()
         reason = _fallback_reason(x, w)
         if reason is not None:
             _warn_once(reason, warned)
@@ -118,9 +165,11 @@ def _swap_forward(mlp: nn.Module, make) -> None:
     mlp.forward = types.MethodType(make(original), mlp)
 
 
-def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
+def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str | GatedMLP],
                         module: types.ModuleType | str | Path) -> nn.Module:
-    """Make each MLP in ``mlp_paths`` run the generated launcher ``module.LAYERS[path]``.
+    """Make each MLP in ``mlp_paths`` (module paths, or patterns from
+    :func:`~prunegraph.targets.triton.patterns.gated_mlps`) run the generated launcher
+    ``module.LAYERS[path]``.
 
     ``module`` is a module made by :mod:`~prunegraph.targets.triton.codegen` (or the path of
     its file). Every MLP is checked before any is changed. Returns ``model``.
@@ -132,30 +181,31 @@ def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
         raise PreconditionError(f"{module.__name__} has no LAYERS table; pass a module written "
                                 f"by prunegraph.targets.triton.codegen")
     todo = []
-    for path in mlp_paths:
-        try:
-            mlp = model.get_submodule(path)
-        except AttributeError as e:
-            raise PreconditionError(f"model has no submodule {path!r}: {e}") from e
+    for pattern in _resolve(model, mlp_paths):
+        reason = unsupported(pattern)
+        if reason is not None:
+            raise PreconditionError(f"{reason}; leave this MLP out of mlp_paths")
+        path = pattern.module
+        mlp = model.get_submodule(path)
         if hasattr(mlp, _MARK):
             raise PreconditionError(f"{path} already runs Triton kernels; call uninstall first")
-        gate, up, down = _linears(mlp, path)
-        _check_silu(mlp, path, gate.weight)
+        weights = pattern.weight_reader(mlp)
+        gate, up, down = weights()
         entry = layers.get(path)
         if entry is None:
             raise PreconditionError(f"{module.__name__} has no launcher for {path!r}; generate "
                                     f"it with codegen from mlp_shapes(model, paths)")
         want = (entry["hidden"], entry["intermediate"], entry["dtype"])
-        have = (gate.in_features, gate.out_features, gate.weight.dtype)
-        if (want != have or tuple(down.weight.shape) != have[:2]
-                or up.weight.shape != gate.weight.shape):
+        have = (gate.shape[1], gate.shape[0], gate.dtype)
+        if want != have or tuple(down.shape) != have[:2] or up.shape != gate.shape:
             raise PreconditionError(
                 f"{path}: the launcher was generated for (H, I, dtype) = {want} but the module "
                 f"has {have}; regenerate the kernels for the current model")
-        todo.append((mlp, entry["run"]))
+        todo.append((mlp, entry["run"], weights))
     warned: set[str] = set()
-    for mlp, run in todo:
-        _swap_forward(mlp, lambda original, run=run: _make_forward(run, original, warned))
+    for mlp, run, weights in todo:
+        _swap_forward(mlp, lambda original, run=run, w=weights: _make_forward(run, w, original,
+                                                                             warned))
     return model
 
 

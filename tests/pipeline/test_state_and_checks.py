@@ -13,12 +13,12 @@ from _pruning_fixtures import fresh, groups_of
 
 from prunegraph.errors import PassError, PostconditionError, SpecError
 from prunegraph.passes import Analyze, Fuse, Prune, Slice
-from prunegraph.passes.save import Save
 from prunegraph.pipeline import Load, Pass, PassResult, Pipeline, State
 from prunegraph.pipeline.contract import declared_keys
 from prunegraph.pipeline.spec import Spec, load_spec
 from prunegraph.plan.gating import apply_gates
 from prunegraph.plan.plan import Plan
+from prunegraph.targets import Save
 
 
 def test_slice_then_prune_fails_at_construction_naming_the_invalidation():

@@ -199,7 +199,7 @@ def test_fallback_off_triton_devices_warns_once(tmp_path, pruned_llama, monkeypa
 def test_install_checks_every_path_before_changing_any(tmp_path, pruned_llama):
     model = pruned_llama
     good = write_module(mlp_shapes(model, MLP_PATHS), tmp_path / "good.py")
-    with pytest.raises(PreconditionError, match="gate_proj"):
+    with pytest.raises(PreconditionError, match="self_attn is not a gated MLP"):
         install_triton_mlps(model, ["model.layers.0.mlp", "model.layers.0.self_attn"], good)
     with pytest.raises(PreconditionError, match="no submodule"):
         install_triton_mlps(model, ["model.layers.9.mlp"], good)
