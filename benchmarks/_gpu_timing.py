@@ -249,11 +249,20 @@ def eager_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> to
     return ids
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Measured device-to-device copy bandwidth in bytes/s (read + write), CUDA-graph timed."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> dict[str, float]:
+    """Measured device memory bandwidth in bytes/s, CUDA-graph timed: ``memcpy`` (a
+    device-to-device ``copy_``, read + write), ``kernel_copy`` (an elementwise kernel, read +
+    write) and ``read`` (a sum over the buffer), and ``best``, the largest: the roofline a
+    bandwidth-bound kernel is held to."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
-    graph = _capture(lambda: dst.copy_(src))
-    seconds = statistics.median(_replay_seconds(graph, 1) for _ in range(reps))
-    del graph, src, dst
-    return 2 * nbytes / seconds
+    out = {}
+    for name, fn, moved in (("memcpy", lambda: dst.copy_(src), 2 * nbytes),
+                            ("kernel_copy", lambda: torch.mul(src, 1.0, out=dst), 2 * nbytes),
+                            ("read", lambda: src.sum(), nbytes)):
+        graph = _capture(fn)
+        out[name] = moved / statistics.median(_replay_seconds(graph, 1) for _ in range(reps))
+        del graph
+    out["best"] = max(out.values())
+    del src, dst
+    return out

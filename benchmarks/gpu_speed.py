@@ -225,6 +225,32 @@ def compare(dense: dict, pruned: dict, args) -> dict:
     return out
 
 
+def install_triton(model: nn.Module, folder: str, device: str) -> dict:
+    """Export the model's MLPs with ``prunegraph export triton`` (the Triton-or-PyTorch plan
+    timed per distinct shape and token bucket on this GPU, CUDA-graph medians over ~3 ms each)
+    and install the generated launchers; returns how many shapes took each path per bucket."""
+    from prunegraph.targets.triton.export import export_triton
+    from prunegraph.targets.triton.runner import install_triton_mlps
+
+    timer = None
+    if device == "cuda":
+        import triton.testing
+
+        def timer(path, shape, tokens, fn):
+            return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=3, return_mode="median")
+    t0 = time.perf_counter()
+    report = export_triton(model, folder, overwrite=True, timer=timer)
+    seconds = time.perf_counter() - t0
+    layers = json.loads(open(os.path.join(folder, "layers.json")).read())["layers"]
+    install_triton_mlps(model, list(layers), os.path.join(folder, "kernels.py"))
+    counts = [dict(triton=0, torch=0) for _ in next(iter(report["paths"].values()))]
+    for paths in report["paths"].values():
+        for k, p in enumerate(paths):
+            counts[k][p] += 1
+    return {"export_seconds": seconds, "distinct_shapes": report["distinct_shapes"],
+            "paths_per_bucket": counts}
+
+
 def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entry: None) -> dict:
     """Dense and every pruned variant of one model; ``save(entry)`` after each (partial runs
     keep what they measured)."""
@@ -245,12 +271,20 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entr
         pruned = None
         try:
             pruned = sliced_copy(model, plan)
-            row = measure(pruned, args, device)
-            row.update(config=f"pruned {s:g} round_to={r}", sparsity=s, round_to=r,
-                       removed_fraction=1 - row["decoder_params"] / dense["decoder_params"],
-                       vs_dense=compare(dense, row, args))
-            print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
-            variants.append(row)
+            kinds = [] if args.only_triton else [""]
+            if (s, r) in args.triton:
+                kinds.append(" + Triton MLPs")
+            for kind in kinds:
+                extra = {}
+                if kind:
+                    extra["triton"] = install_triton(pruned, os.path.join(
+                        args.kernel_dir, f"{name}_{s:g}_{r}"), device)
+                row = measure(pruned, args, device)
+                row.update(config=f"pruned {s:g} round_to={r}{kind}", sparsity=s, round_to=r,
+                           removed_fraction=1 - row["decoder_params"] / dense["decoder_params"],
+                           vs_dense=compare(dense, row, args), **extra)
+                print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
+                variants.append(row)
         except Exception as e:  # noqa: BLE001 - keep the other variants
             import traceback
 
@@ -339,8 +373,11 @@ def markdown(result: dict, args) -> str:
              f"{args.prompt_len}-token prompt{', one CUDA graph per step' if cuda else ''}. "
              f"Ideal: FLOP ratio (prefill), ratio of bytes read per step (decode: weights "
              f"and the K/V cache). Each cell: speed-up over dense / ideal speed-up.", ""]
-    if cuda and "copy_bandwidth_TBps" in result:
-        lines += [f"Measured copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s.", ""]
+    if cuda and "bandwidth_TBps" in result:
+        bw = result["bandwidth_TBps"]
+        lines += ["Measured memory bandwidth: " + ", ".join(
+            f"{v:.2f} TB/s {k.replace('_', ' ')}" for k, v in bw.items() if k != "best") + ".",
+            ""]
     for m in result["models"]:
         keys = [f"prefill_{b}x{s}" for b, s in args.prefill] + \
                [f"decode_b{b}" for b in args.batches]
@@ -408,7 +445,8 @@ def parse(argv=None) -> argparse.Namespace:
                          "on cpu)")
     ap.add_argument("--sparsities", default=None, help="default 0.2,0.5 (cuda) / 0.2 (cpu)")
     ap.add_argument("--round-to", default=None,
-                    help="comma list of Prune round_to values (default 1,64)")
+                    help="comma list of Prune round_to values (default 1,64; on the cpu also "
+                         "'measured': the width multiple the CPU sweep found)")
     ap.add_argument("--prefill", default=None, help="BxS list (default 1x2048,8x512 / 1x512)")
     ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,32 / 1)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 / 64")
@@ -416,6 +454,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=None, help="prefill repetitions (median)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
+    ap.add_argument("--triton", default="",
+                    help="sparsity:round_to pairs (e.g. 0.2:1,0.2:64) also measured with the "
+                         "generated Triton MLPs installed (export-time plan per shape)")
+    ap.add_argument("--only-triton", action="store_true",
+                    help="measure those pruned variants with Triton MLPs only (not with cuBLAS)")
+    ap.add_argument("--kernel-dir", default="/tmp/prunegraph_gpu_speed_kernels",
+                    help="where the generated Triton modules are written")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny shapes of the GPU path's logic (2-layer configs, short runs)")
     ap.add_argument("--no-width-sweep", action="store_true", help="cpu: skip the width sweep")
@@ -428,7 +473,9 @@ def parse(argv=None) -> argparse.Namespace:
     args.models = args.models.split(",")
     args.sparsities = [float(s) for s in (args.sparsities or ("0.2,0.5" if cuda else "0.2"))
                        .split(",")]
-    args.round_to = _round_to(args.round_to or "1,64")
+    args.round_to = _round_to(args.round_to or ("1,64" if cuda else "1,64,measured"))
+    args.triton = {(float(a), _round_to(b)[0]) for a, b in
+                   (p.split(":") for p in args.triton.split(",") if p)}
     args.prefill = _shapes(args.prefill or ("1x2048,8x512" if cuda else "1x512"))
     args.batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1")).split(",")]
     args.new_tokens = args.new_tokens or (256 if cuda else 64)
@@ -460,8 +507,10 @@ def main(argv=None) -> None:
               "device_name": (torch.cuda.get_device_name() if device == "cuda" else
                               f"CPU {platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads (shared machine)")}
+    if hasattr(os, "getloadavg"):
+        result["load_average_start"] = os.getloadavg()
     if device == "cuda":
-        result["copy_bandwidth_TBps"] = copy_bandwidth() / 1e12
+        result["bandwidth_TBps"] = {k: v / 1e12 for k, v in copy_bandwidth().items()}
     if device == "cpu" and not args.no_width_sweep:
         H = 576 if not args.dry_run else 64
         span = range(1152, 1409) if not args.dry_run else range(60, 70)
@@ -472,6 +521,13 @@ def main(argv=None) -> None:
                                 "multiples": [1, 2, 4, 8, 16, 32, 64, 128], "sweep": sweep,
                                 "wanted_multiple": wanted_multiple(sweep)}
         print("cpu width multiple:", result["cpu_widths"]["wanted_multiple"], flush=True)
+    if "measured" in args.round_to:
+        if "cpu_widths" not in result:
+            raise SystemExit("--round-to measured needs the cpu width sweep (--device cpu, "
+                             "without --no-width-sweep)")
+        multiple = result["cpu_widths"]["wanted_multiple"]
+        args.round_to = list(dict.fromkeys(multiple if r == "measured" else r
+                                           for r in args.round_to))
     result["models"] = []
 
     def save(entry):
@@ -489,6 +545,8 @@ def main(argv=None) -> None:
             traceback.print_exc()
             result.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}"[:300])
     result["seconds"] = time.time() - t0
+    if hasattr(os, "getloadavg"):
+        result["load_average_end"] = os.getloadavg()
     atomic_write_text(args.out, json.dumps(result, indent=1))
     text = markdown(result, args)
     print(text)

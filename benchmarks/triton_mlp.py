@@ -6,7 +6,7 @@ of 64 and odd ones) the per-shape choice exactly as ``prunegraph export triton``
 timed with both paths as CUDA-graph replays, Triton's output checked against PyTorch's), so the
 table is what an exported module runs. Reported per point: Triton, PyTorch eager, the chosen
 path's time and its speed-up over eager (the target: >= 1.00 everywhere), and, at one token,
-Triton's time over the bandwidth limit (weight bytes / measured copy bandwidth; target <= 1.2 at
+Triton's time over the bandwidth limit (weight bytes / measured memory bandwidth; target <= 1.2 at
 H = 4096).
 
 ``--sweep``: time each kernel of the Triton path alone over candidate tile configs (one-token
@@ -86,9 +86,9 @@ def bench_choice(shapes, dtype, bandwidth: float, table=None) -> list[dict]:
             t0 = time.perf_counter()
             configs = None
             if table is not None:
-                from prunegraph.targets.triton.swiglu import TileConfig, _fit
+                from prunegraph.targets.triton.swiglu import TileConfig, fit_config
 
-                configs = tuple(_fit(TileConfig(**c), H, I) for c in table)
+                configs = tuple(fit_config(TileConfig(**c), H, I) for c in table)
             plan = timed_plan(shape, wg, wu, wd, timer=lambda p, s, t, fn: _time_us(fn),
                               device_name=_device_name(), capability=(9, 0), configs=configs)
             seconds = time.perf_counter() - t0
@@ -212,10 +212,14 @@ def _compile_worker(args) -> int:
         try:
             tensors = _tensors(H, I, tokens, dtype, weights)
             if kernel == "full":  # the table the default run times (cfg: a --table or None)
-                from prunegraph.targets.triton.swiglu import TileConfig, _fit, choose_configs, \
-                    swiglu
+                from prunegraph.targets.triton.swiglu import (
+                    TileConfig,
+                    choose_configs,
+                    fit_config,
+                    swiglu,
+                )
 
-                configs = (tuple(_fit(TileConfig(**c), H, I) for c in cfg) if cfg else
+                configs = (tuple(fit_config(TileConfig(**c), H, I) for c in cfg) if cfg else
                            choose_configs(H, I, dtype, (9, 0)))
                 swiglu(tensors[0], *weights, configs=configs)
             else:
@@ -322,28 +326,32 @@ def pick_table(rows: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     cmd = "python benchmarks/triton_mlp.py " + " ".join(result["argv"])
+    limit = result.get("limit_TBps", result["copy_TBps"])
     lines = [SECTION, "", f"`{cmd}`", "",
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, "
-             f"{result['dtype']}; measured copy bandwidth {result['copy_TBps']:.2f} TB/s. "
-             f"Medians of CUDA-graph replays (µs) as `prunegraph export triton` times them on the "
-             f"GPU to choose each shape's path per token bucket; *chosen* is what the exported "
-             f"module runs, *x eager* its speed-up over PyTorch eager (cuBLAS). At one token, "
-             f"*/ limit* is Triton's time over the bandwidth limit (3·H·I weights / copy "
-             f"bandwidth).", "",
+             f"{result['dtype']}. Medians of CUDA-graph replays (µs) as `prunegraph export "
+             f"triton` times them on the GPU to choose each shape's path per token bucket; "
+             f"*chosen* is what the exported module runs, *x eager* its speed-up over PyTorch "
+             f"eager (cuBLAS), *Triton x eager* the Triton kernels' alone. At one token, *TB/s* "
+             f"is the weight bytes (3·H·I) Triton reads per second and */ limit* its time over "
+             f"the bandwidth limit at {limit:.2f} TB/s.", "",
              "| H | I | width | tokens | Triton | eager | chosen | x eager | Triton x eager | "
-             "/ limit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "TB/s | / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['H']} | {r['I']} | {r['label']} | | | | error: "
-                         f"{r['error'][:60]} | | | |")
+                         f"{r['error'][:60]} | | | | |")
             continue
-        lim = f"{r['triton_over_limit']:.2f}" if "triton_over_limit" in r else ""
+        tbs = lim = ""
+        if r["tokens"] == 1 and r.get("triton_us"):
+            tbs = f"{3 * r['H'] * r['I'] * 2 / r['triton_us'] / 1e6:.2f}"
+            lim = f"{r['triton_us'] * limit * 1e6 / (3 * r['H'] * r['I'] * 2):.2f}"
         tri = f"{r['triton_us']:.1f}" if r.get("triton_us") else "n/a"
         ratio = f"{r['triton_vs_torch']:.2f}" if "triton_vs_torch" in r else ""
         chosen = f"{r.get('chosen_us', r.get('torch_us') or 0):.1f} ({r['path']})"
         xe = f"{r['chosen_vs_torch']:.2f}" if "chosen_vs_torch" in r else "1.00"
         lines.append(f"| {r['H']} | {r['I']} | {r['label']} | {r['tokens']} | {tri} | "
-                     f"{r['torch_us']:.1f} | {chosen} | {xe} | {ratio} | {lim} |")
+                     f"{r['torch_us']:.1f} | {chosen} | {xe} | {ratio} | {tbs} | {lim} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +367,8 @@ def main() -> None:
     ap.add_argument("--table", default=None,
                     help="a --sweep result: time the export choice with the tile table it picked "
                          "instead of choose_configs'")
+    ap.add_argument("--limit-tbps", type=float, default=None,
+                    help="bandwidth limit for the one-token column (default: the best measured)")
     ap.add_argument("--interpret-check", action="store_true",
                     help="run this script's logic on tiny shapes on the CPU interpreter")
     args = ap.parse_args()
@@ -379,7 +389,11 @@ def main() -> None:
     result = dict(device=_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(),
                   dtype=args.dtype, argv=sys.argv[1:])
-    result["copy_TBps"] = copy_bandwidth() / 1e12 if DEVICE == "cuda" else 1.0
+    bandwidth = copy_bandwidth() if DEVICE == "cuda" else {"best": 1e12}
+    result["bandwidth_TBps"] = {k: v / 1e12 for k, v in bandwidth.items()}
+    result["copy_TBps"] = result["bandwidth_TBps"]["best"]
+    if args.limit_tbps:
+        result["limit_TBps"] = args.limit_tbps
     if args.sweep:
         result["rows"] = sweep(dtype, args.jobs, ((64, 96), (64, 77)) if args.interpret_check
                                else ((4096, 14336), (4096, 11465)))
@@ -400,7 +414,8 @@ def main() -> None:
             classes = {(H, I % 16 == 0): (H, I) for H, I, _ in shapes}  # one per binary set
             seconds = precompile(list(classes.values()), items, dtype, args.jobs)
             print(f"precompiled in {seconds:.1f}s", flush=True)
-        result["rows"] = bench_choice(shapes, dtype, result["copy_TBps"] * 1e12, table)
+        result["rows"] = bench_choice(shapes, dtype,
+                                      result.get("limit_TBps", result["copy_TBps"]) * 1e12, table)
     result["seconds"] = time.time() - t0
     atomic_write_text(args.out, json.dumps(result, indent=1))
     if not args.sweep:
