@@ -16,6 +16,9 @@ Measured in one run, dense and every pruned variant the same way (:mod:`_gpu_tim
 * greedy decode tokens/s at each ``--batches`` size: ``--new-tokens`` steps after a
   ``--prompt-len`` prompt, static KV cache, one CUDA graph per step on the GPU.
 
+``--triton 0.2:1,0.2:64`` also measures those variants with the MLPs exported by ``prunegraph
+export triton`` (the Triton-or-PyTorch plan timed per shape on this GPU) and installed.
+
 Ideal speed-ups, from the models' shapes: prefill, the FLOP ratio (2 x tokens x linear weights of
 the decoder, causal attention scores and values, the last token's logits); decode, the ratio of
 bytes read per step (every weight but the input embedding, plus the static K/V cache of the
@@ -26,10 +29,12 @@ GPU (one H200: about 2 minutes)::
     python benchmarks/gpu_speed.py --out benchmarks/results/gpu_speed_h200.json \\
         --markdown docs/benchmarks.md
 
-CPU half (SmolLM2-135M with its real weights, float32; also times SwiGLU MLP widths to find the
-channel multiple the CPU runs fastest)::
+CPU half (SmolLM2-135M with its real weights, float32; prefill 512 tokens, greedy decode; also
+times SwiGLU MLP widths to find the channel multiple the CPU runs fastest, and prunes to that
+multiple too). The variants are timed in interleaved rounds (``--rounds``, medians), since the
+load of a shared CPU drifts; one intra-op thread is steadier there::
 
-    python benchmarks/gpu_speed.py --device cpu --out benchmarks/results/cpu_speed.json \\
+    python benchmarks/gpu_speed.py --device cpu --threads 1 --out benchmarks/results/cpu_speed.json \\
         --markdown docs/benchmarks.md
 
 Dry run of the GPU path's logic on the CPU (tiny shapes, seconds)::
@@ -209,6 +214,56 @@ def measure(model: nn.Module, args, device: str, check_sync: bool = False) -> di
     return row
 
 
+def measure_interleaved(models: dict[str, nn.Module], args, device: str) -> dict[str, dict]:
+    """The same quantities as :func:`measure` for several models, timed in ``args.rounds``
+    interleaved rounds (each round times every model once, in a rotated order) and reduced to
+    medians: on a shared CPU the load drifts over minutes, and interleaving spreads the drift over
+    every model instead of biasing whichever ran during a busy spell."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    names = list(models)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompts = {(b, s): torch.randint(3, vocab, (b, s), generator=gen) for b, s in args.prefill}
+    decode_prompts = {b: torch.randint(3, vocab, (b, args.prompt_len), generator=gen)
+                      for b in args.batches}
+    rows, decoders, times = {}, {}, {n: {} for n in names}
+    for n, m in models.items():
+        use_graph_attention(m)
+        rows[n] = {"decoder_params": decoder_params(m), "widths": widths(m)}
+        for b, s in args.prefill:
+            rows[n][f"prefill_{b}x{s}_gflop"] = prefill_flops(m, b, s) / 1e9
+        for b in args.batches:
+            decoders[n, b] = GreedyDecoder(m, b, args.prompt_len, args.new_tokens)
+            rows[n][f"decode_b{b}_gbytes"] = decode_bytes(
+                m, b, args.prompt_len + args.new_tokens) / 1e9
+        with torch.no_grad():  # the step a CUDA graph would capture reads nothing on the host
+            d = decoders[n, args.batches[0]]
+            d.prefill(decode_prompts[args.batches[0]])
+            with no_host_sync():
+                d.step()
+        rows[n]["decode_step_host_sync_free"] = True
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            for (b, s), ids in prompts.items():
+                times[n].setdefault(f"prefill_{b}x{s}", []).append(
+                    time_prefill(models[n], ids, reps=1))
+            for b in args.batches:
+                _, seconds = decoders[n, b].generate(decode_prompts[b])
+                times[n].setdefault(f"decode_b{b}", []).append(seconds)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    for n in names:
+        for b, s in args.prefill:
+            key = f"prefill_{b}x{s}"
+            rows[n][f"{key}_ms"] = 1e3 * statistics.median(times[n][key])
+            rows[n][f"{key}_ms_all"] = [1e3 * t for t in times[n][key]]
+        for b in args.batches:
+            sec = statistics.median(times[n][f"decode_b{b}"])
+            rows[n][f"decode_b{b}_tok_s"] = b * args.new_tokens / sec
+            rows[n][f"decode_b{b}_ms_per_step"] = 1e3 * sec / args.new_tokens
+            rows[n][f"decode_b{b}_ms_per_step_all"] = [1e3 * t / args.new_tokens
+                                                      for t in times[n][f"decode_b{b}"]]
+    return rows
+
+
 def compare(dense: dict, pruned: dict, args) -> dict:
     """Speed-ups of ``pruned`` over ``dense`` and the ideal speed-ups beside them."""
     out = {}
@@ -251,6 +306,24 @@ def install_triton(model: nn.Module, folder: str, device: str) -> dict:
             "paths_per_bucket": counts}
 
 
+def run_interleaved(name, model, plans, seconds, args, device, save) -> dict:
+    """Every variant in memory at once, timed by :func:`measure_interleaved`."""
+    models = {"dense": model}
+    for (s, r), plan in plans.items():
+        models[f"pruned {s:g} round_to={r}"] = sliced_copy(model, plan)
+    rows = measure_interleaved(models, args, device)
+    dense = rows.pop("dense")
+    variants = [{"config": "dense", **dense}]
+    for ((s, r), _), (config, row) in zip(plans.items(), rows.items()):
+        row.update(config=config, sparsity=s, round_to=r,
+                   removed_fraction=1 - row["decoder_params"] / dense["decoder_params"],
+                   vs_dense=compare(dense, row, args))
+        variants.append(row)
+    entry = {"model": name, "seconds": seconds, "variants": variants, "rounds": args.rounds}
+    save(entry)
+    return entry
+
+
 def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entry: None) -> dict:
     """Dense and every pruned variant of one model; ``save(entry)`` after each (partial runs
     keep what they measured)."""
@@ -262,6 +335,8 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entr
     seconds["build"] = built
     print(f"{name}: built in {built:.1f}s, analyze {seconds['analyze']:.1f}s, "
           f"prune {seconds['prune']:.1f}s", flush=True)
+    if args.rounds > 1:
+        return run_interleaved(name, model, plans, seconds, args, device, save)
     dense = measure(model, args, device, check_sync=args.check_sync)
     print(json.dumps({k: v for k, v in dense.items() if k != "widths"}), flush=True)
     variants = [{"config": "dense", **dense}]
@@ -307,28 +382,40 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entr
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_width_sweep(H: int, widths_: range, tokens: tuple[int, ...], reps: int) -> dict:
-    """Median time of a SwiGLU MLP (``H`` -> ``I`` -> ``H``, float32) at every width, and the
-    time per channel of widths that are multiples of 1, 8, 16, ... relative to all widths."""
+def sweep_widths(bases: range, offsets=(0, 1, 2, 4, 8, 16, 32)) -> list[int]:
+    """Widths ``base + offset`` for 64-aligned bases: every multiple class (odd, 2, 4, ... 64,
+    and 128 where the base is one) appears several times in the same range."""
+    return sorted({b + o for b in bases for o in offsets})
+
+
+def cpu_width_sweep(H: int, widths_: list[int], tokens: tuple[int, ...], rounds: int) -> dict:
+    """Median time of a SwiGLU MLP (``H`` -> ``I`` -> ``H``, float32) at every width over
+    ``rounds`` rounds (each round times every width once, in a shuffled order), and the time per
+    channel of widths that are multiples of 1, 2, 4, ... relative to all widths."""
+    import random
+
     from prunegraph.targets.triton.swiglu import swiglu_reference
 
     gen = torch.Generator().manual_seed(0)
     top = max(widths_)
     wg, wu = torch.randn(top, H, generator=gen), torch.randn(top, H, generator=gen)
     wd = torch.randn(H, top, generator=gen)
+    weights = {I: (wg[:I].contiguous(), wu[:I].contiguous(), wd[:, :I].contiguous())
+               for I in widths_}
+    shuffle = random.Random(0)
     out = {}
     for T in tokens:
         x = torch.randn(T, H, generator=gen)
-        per_width = {}
-        for I in widths_:
-            g, u, d = wg[:I].contiguous(), wu[:I].contiguous(), wd[:, :I].contiguous()
-            swiglu_reference(x, g, u, d)
-            times = []
-            for _ in range(reps):
+        times: dict[int, list[float]] = {I: [] for I in widths_}
+        for _ in range(rounds):
+            order = list(widths_)
+            shuffle.shuffle(order)
+            for I in order:
+                swiglu_reference(x, *weights[I])  # warm
                 t0 = time.perf_counter()
-                swiglu_reference(x, g, u, d)
-                times.append(time.perf_counter() - t0)
-            per_width[I] = statistics.median(times)
+                swiglu_reference(x, *weights[I])
+                times[I].append(time.perf_counter() - t0)
+        per_width = {I: statistics.median(ts) for I, ts in times.items()}
         per_channel = {I: t / I for I, t in per_width.items()}
         base = statistics.mean(per_channel.values())
         by_multiple = {}
@@ -368,7 +455,7 @@ def markdown(result: dict, args) -> str:
              f"criterion=magnitude, strategy=global)` to each sparsity of the decoder's "
              f"parameters, widths exact (`round_to=1`) or multiples of the given number; "
              f"{'random weights' if not args.real_weights else 'real weights'}. Prefill: one "
-             f"prompt forward (no cache, last logits) {'as CUDA-graph replays' if cuda else ''}; "
+             f"prompt forward (no cache, last logits){' as CUDA-graph replays' if cuda else ''}; "
              f"decode: greedy, static KV cache, {args.new_tokens} steps after a "
              f"{args.prompt_len}-token prompt{', one CUDA graph per step' if cuda else ''}. "
              f"Ideal: FLOP ratio (prefill), ratio of bytes read per step (decode: weights "
@@ -406,9 +493,10 @@ def markdown(result: dict, args) -> str:
         lines.append("")
     if "cpu_widths" in result:
         cw = result["cpu_widths"]
-        lines += [f"SwiGLU MLP on this CPU (H={cw['hidden']}, float32, widths "
-                  f"{cw['widths'][0]}-{cw['widths'][-1]}): speed per channel of widths that are a "
-                  f"multiple of m, relative to all widths:", "",
+        lines += [f"SwiGLU MLP on this CPU (H={cw['hidden']}, float32, {len(cw['widths'])} widths "
+                  f"{cw['widths'][0]}-{cw['widths'][-1]}: 64-aligned bases plus 1, 2, 4, ... 32): "
+                  f"speed per channel of widths that are a multiple of m, relative to all widths "
+                  f"(medians of {args.rounds} shuffled rounds):", "",
                   "| tokens | " + " | ".join(f"m={m}" for m in cw["multiples"]) + " |",
                   "|---|" + "---|" * len(cw["multiples"])]
         for T, row in cw["sweep"].items():
@@ -452,6 +540,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 / 64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=None, help="prefill repetitions (median)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds over all variants (default 1 on cuda: each variant "
+                         "timed in turn; 5 on the cpu, whose load drifts)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     ap.add_argument("--triton", default="",
@@ -464,6 +555,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny shapes of the GPU path's logic (2-layer configs, short runs)")
     ap.add_argument("--no-width-sweep", action="store_true", help="cpu: skip the width sweep")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="cpu: torch intra-op threads (1 is steadier on a shared, loaded machine)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--markdown", default=None, help="write the section into this file")
     args = ap.parse_args(argv)
@@ -478,8 +571,9 @@ def parse(argv=None) -> argparse.Namespace:
                    (p.split(":") for p in args.triton.split(",") if p)}
     args.prefill = _shapes(args.prefill or ("1x2048,8x512" if cuda else "1x512"))
     args.batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1")).split(",")]
-    args.new_tokens = args.new_tokens or (256 if cuda else 64)
+    args.new_tokens = args.new_tokens or (256 if cuda else 32)
     args.reps = args.reps or (5 if cuda else 3)
+    args.rounds = args.rounds or (1 if cuda else 5)
     args.real_weights = not cuda and not args.dry_run
     if args.dry_run:
         args.layers = args.layers or 2
@@ -488,6 +582,7 @@ def parse(argv=None) -> argparse.Namespace:
         args.new_tokens = min(args.new_tokens, 8)
         args.prompt_len = 16
         args.reps = 1
+        args.rounds = min(args.rounds, 2)
     args.check_sync = not cuda
     return args
 
@@ -495,6 +590,8 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse(argv)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu (or --dry-run)")
     dtype = torch.bfloat16 if device == "cuda" or args.dry_run else torch.float32
@@ -506,18 +603,17 @@ def main(argv=None) -> None:
               "python": platform.python_version(), "argv": args.argv,
               "device_name": (torch.cuda.get_device_name() if device == "cuda" else
                               f"CPU {platform.processor() or platform.machine()}, "
-                              f"{torch.get_num_threads()} threads (shared machine)")}
+                              f"{torch.get_num_threads()} thread(s) (shared machine)")}
     if hasattr(os, "getloadavg"):
         result["load_average_start"] = os.getloadavg()
     if device == "cuda":
         result["bandwidth_TBps"] = {k: v / 1e12 for k, v in copy_bandwidth().items()}
     if device == "cpu" and not args.no_width_sweep:
         H = 576 if not args.dry_run else 64
-        span = range(1152, 1409) if not args.dry_run else range(60, 70)
-        sweep = cpu_width_sweep(H, span,
-                                (1, 512) if not args.dry_run else (1, 16),
-                                reps=5 if not args.dry_run else 1)
-        result["cpu_widths"] = {"hidden": H, "widths": [span[0], span[-1]],
+        span = sweep_widths(range(1152, 1409, 64) if not args.dry_run else range(64, 129, 64))
+        sweep = cpu_width_sweep(H, span, (1, 512) if not args.dry_run else (1, 16),
+                                rounds=args.rounds if not args.dry_run else 1)
+        result["cpu_widths"] = {"hidden": H, "widths": span,
                                 "multiples": [1, 2, 4, 8, 16, 32, 64, 128], "sweep": sweep,
                                 "wanted_multiple": wanted_multiple(sweep)}
         print("cpu width multiple:", result["cpu_widths"]["wanted_multiple"], flush=True)
