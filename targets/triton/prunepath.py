@@ -186,6 +186,11 @@ class PrunePathFFN:
         self.prefill_blocks = prefill_blocks or PrefillBlocks()
         self.counters = dec.new_counters(self.decode_blocks, H, wg.device)
 
+    def set_decode_blocks(self, blocks: DecodeBlocks) -> None:
+        """Use other decode tiles from now on (the benchmark's sweep)."""
+        self.decode_blocks = blocks
+        self.counters = dec.new_counters(blocks, self.hidden, self.wg.device)
+
     def __call__(self, x: torch.Tensor, tau: float, mode: Mode = "exclusive") -> torch.Tensor:
         """The FFN output for ``x [..., H]`` in ``x.dtype``."""
         _check_mode_tau(mode, tau)

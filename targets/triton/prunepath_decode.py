@@ -436,7 +436,7 @@ class DecodeBlocks:
 
     router_e: int = 16
     router_h: int = 256
-    router_warps: int = 4
+    router_warps: int = 8
     gu_c: int = 4
     gu_h: int = 2048
     gu_warps: int = 8
@@ -514,7 +514,7 @@ def route(x2: torch.Tensor, wr: torch.Tensor, tau: float, inclusive: bool,
     E = wr.shape[0]
     dev = x2.device
     block_e = _pow2(E, 16)
-    block_j = max(16, min(block_e, 4096 // block_e))
+    block_j = max(16, min(block_e, 8192 // block_e))  # few chunks: each costs an L2 round trip
     nhs = -(-H // blocks.router_h)
     neb = -(-E // blocks.router_e)
     part = torch.empty(nhs, T, E, dtype=torch.float32, device=dev)
@@ -537,7 +537,7 @@ def route(x2: torch.Tensor, wr: torch.Tensor, tau: float, inclusive: bool,
         DOT_PRECISION=_dot_precision(x2.dtype), num_warps=blocks.router_warps, **common)
     if not fuse:
         _select_kernel[(T,)](part, counters, probs, ids, wts, cnt, gsel, uids, uw, ucnt,
-                             float(tau), T, E, nhs, UNION=True, num_warps=4, **common)
+                             float(tau), T, E, nhs, UNION=True, num_warps=8, **common)
     return RouterSelection(ids, wts, cnt, probs, uids, uw, ucnt, gsel)
 
 

@@ -157,8 +157,8 @@ def select_tokens(logits: torch.Tensor, tau: float, inclusive: bool) -> RouterSe
     gsel = torch.empty(T, E, dtype=torch.float32, device=dev)
     _select_kernel[(T,)](logits.contiguous(), cnt, probs, ids, wts, cnt, gsel, cnt, wts, cnt,
                          float(tau), T, E, 1, UNION=False, INCLUSIVE=inclusive,
-                         BLOCK_E=block_e, BLOCK_J=max(16, min(block_e, 4096 // block_e)),
-                         BLOCK_HS=1, BLOCK_TU=1, num_warps=4)
+                         BLOCK_E=block_e, BLOCK_J=max(16, min(block_e, 8192 // block_e)),
+                         BLOCK_HS=1, BLOCK_TU=1, num_warps=8)
     return RouterSelection(ids, wts, cnt, probs, selected_gates=gsel)
 
 
