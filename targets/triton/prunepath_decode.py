@@ -17,18 +17,22 @@ Pipeline for ``T`` tokens (``T == 1``: three launches; ``T > 1``: five):
 2. :func:`_select_kernel` (``T > 1`` only): one program per token selects; the last one (ticket
    again) builds the union.
    Selection (:func:`_select_token`) is the PrunePath rule in fp32: softmax, every expert's rank and
-   the mass ranked before it from an all-pairs comparison (ties: lower id first), exclusive or
-   inclusive cumulative mass ``tau``, ``sigmoid(r_e)`` gates. The per-token lists in rank order are
-   written (:class:`RouterSelection`), and the **union** of the tokens' experts (by id), each with a
-   per-token weight (``sigmoid`` or 0): batched decode streams each union expert's weights once for
-   all tokens, never more bytes than per-token lists (which re-read shared experts).
+   the mass ranked before it from an all-pairs comparison on registers (ties: lower id first;
+   ``E^2`` compares in one step, where a sort takes ``log^2 E`` dependent steps), exclusive or
+   inclusive cumulative mass ``tau``, ``sigmoid(r_e)`` gates. The per-token lists in rank order
+   are written (:class:`RouterSelection`), and the **union** of the tokens' experts (by id; for
+   one token its list), each with a per-token weight (``sigmoid`` or 0): batched decode streams
+   each union expert's weights once for all tokens, never more bytes than per-token lists (which
+   re-read shared experts).
 3. :func:`_gate_up_kernel`: a persistent grid over units ``(union slot, block of BLOCK_C
    channels)``; each unit streams its channels' gate and up rows in ``BLOCK_H``-wide coalesced
    tiles and writes ``act = silu(x wg) * (x wu) * weight`` (fp32) to a compact ``[T, slot*G + c]``
    buffer. ``T == 1``: vector FMAs; ``T > 1``: ``tl.dot`` over a token block.
 4. :func:`_down_kernel`: program ``(j, s)`` owns output tile ``j`` (``BLOCK_HD`` of ``H``) and the
    ``s``-th contiguous chunk of the active units (split-K), streaming those ``down`` rows (columns
-   of ``wd``) and writing an fp32 partial ``[s, T, tile]``. ``T == 1``: after a ticket per tile,
+   of ``wd``) and writing an fp32 partial ``[s, T, tile]``. ``T == 1``: a 2-D accumulator
+   (reduced once, not per unit) and the next unit's tile loaded before the current one is used
+   (as in the gate/up kernel's flattened loop); after a ticket per tile,
    the last program of tile ``j`` sums its partials and writes ``y`` in the input dtype (no fp32
    atomics, deterministic). ``T > 1``: :func:`_sum_partials_kernel` reduces them (one more launch,
    fully parallel over ``T x H``).
@@ -66,11 +70,17 @@ __all__ = [
 
 
 @triton.jit
-def _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr, E,
-                  INCLUSIVE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_J: tl.constexpr):
+def _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr, uids_ptr,
+                  uw_ptr, ucnt_ptr, E, INCLUSIVE: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_J: tl.constexpr, DIRECT_UNION: tl.constexpr):
     """Token ``t``'s selection from its logits ``[BLOCK_E]`` (lanes ``>= E`` ignored). Writes
     ``probs[t]``, the rank-ordered ``ids/wts[t, :cnt[t]]`` and ``gsel[t, e]`` (``sigmoid(r_e)``
-    if selected, else -1). All ``[T, E]`` buffers are contiguous with row stride ``E``."""
+    if selected, else -1); with ``DIRECT_UNION`` (one token) the union is that list too. All
+    ``[T, E]`` buffers are contiguous with row stride ``E``.
+
+    Ranks come from an all-pairs comparison. Up to ``BLOCK_E = 256`` it runs on registers in
+    one step (the probabilities are compared with themselves in the other layout); beyond, in
+    chunks of ``BLOCK_J`` re-read from ``probs`` (each chunk an L2 round trip)."""
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     row = t * E
@@ -80,28 +90,40 @@ def _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr
     p = ex / tl.sum(ex, axis=0)
     sig = tl.sigmoid(logits)
     tl.store(probs_ptr + row + offs_e, p, mask=mask_e)
-    tl.debug_barrier()  # the probabilities are re-read below in chunks, by other threads
-    rank = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    before = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for j0 in range(0, E, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < E
-        pj = tl.load(probs_ptr + row + offs_j, mask=mask_j, other=-1.0)
+    if BLOCK_E <= 256:
+        pj = tl.where(mask_e, p, -1.0)
         # j precedes e: more probable, or equally probable with a lower id
         prec = (pj[None, :] > p[:, None]) | ((pj[None, :] == p[:, None])
-                                             & (offs_j[None, :] < offs_e[:, None]))
-        prec = prec & mask_j[None, :]
-        rank += tl.sum(prec.to(tl.int32), axis=1)
-        before += tl.sum(tl.where(prec, pj[None, :], 0.0), axis=1)
+                                             & (offs_e[None, :] < offs_e[:, None]))
+        rank = tl.sum(prec.to(tl.int32), axis=1)
+        before = tl.sum(tl.where(prec, pj[None, :], 0.0), axis=1)
+    else:
+        tl.debug_barrier()  # the probabilities are re-read below in chunks, by other threads
+        rank = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        before = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for j0 in range(0, E, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            mask_j = offs_j < E
+            pjc = tl.load(probs_ptr + row + offs_j, mask=mask_j, other=-1.0)
+            prec = (pjc[None, :] > p[:, None]) | ((pjc[None, :] == p[:, None])
+                                                  & (offs_j[None, :] < offs_e[:, None]))
+            prec = prec & mask_j[None, :]
+            rank += tl.sum(prec.to(tl.int32), axis=1)
+            before += tl.sum(tl.where(prec, pjc[None, :], 0.0), axis=1)
     if INCLUSIVE:
         active = before < tau
     else:
         active = ((before + p) < tau) | (rank == 0)
     active = active & mask_e
+    count = tl.sum(active.to(tl.int32), axis=0)
     tl.store(ids_ptr + row + rank, offs_e.to(tl.int32), mask=active)
     tl.store(wts_ptr + row + rank, sig, mask=active)
-    tl.store(cnt_ptr + t, tl.sum(active.to(tl.int32), axis=0))
+    tl.store(cnt_ptr + t, count)
     tl.store(gsel_ptr + row + offs_e, tl.where(active, sig, -1.0), mask=mask_e)
+    if DIRECT_UNION:
+        tl.store(uids_ptr + rank, offs_e.to(tl.int32), mask=active)
+        tl.store(uw_ptr + rank, sig, mask=active)
+        tl.store(ucnt_ptr, count)
 
 
 @triton.jit
@@ -129,10 +151,10 @@ def _summed_logits(part_ptr, t, T, E, NHS, BLOCK_HS: tl.constexpr, BLOCK_E: tl.c
     """Token ``t``'s logits: the sum of the ``NHS`` partial rows ``part[s, t, :E]``."""
     offs_s = tl.arange(0, BLOCK_HS)
     offs_e = tl.arange(0, BLOCK_E)
-    m2 = (offs_s[:, None] < NHS) & (offs_e[None, :] < E)
-    parts = tl.load(part_ptr + offs_s[:, None] * (T * E) + t * E + offs_e[None, :], mask=m2,
+    m2 = (offs_e[:, None] < E) & (offs_s[None, :] < NHS)
+    parts = tl.load(part_ptr + offs_s[None, :] * (T * E) + t * E + offs_e[:, None], mask=m2,
                     other=0.0, cache_modifier=".cg")
-    return tl.sum(parts, axis=0)
+    return tl.sum(parts, axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,12 +208,18 @@ def _router_kernel(x_ptr, wr_ptr, part_ptr, counter_ptr,
         tl.debug_barrier()  # every thread's partial stores happen before the ticket
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == neb * nhs - 1:
-            for t in range(T):
-                logits = _summed_logits(part_ptr, t, T, E, nhs, BLOCK_HS, BLOCK_E)
-                _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr, E,
-                              INCLUSIVE, BLOCK_E, BLOCK_J)
-            tl.debug_barrier()
-            _build_union(gsel_ptr, uids_ptr, uw_ptr, ucnt_ptr, T, E, BLOCK_TU, BLOCK_E)
+            if BLOCK_TU == 1:  # one token: its list is the union, written directly
+                logits = _summed_logits(part_ptr, 0, T, E, nhs, BLOCK_HS, BLOCK_E)
+                _select_token(logits, 0, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr,
+                              uids_ptr, uw_ptr, ucnt_ptr, E, INCLUSIVE, BLOCK_E, BLOCK_J, True)
+            else:
+                for t in range(T):
+                    logits = _summed_logits(part_ptr, t, T, E, nhs, BLOCK_HS, BLOCK_E)
+                    _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr,
+                                  gsel_ptr, uids_ptr, uw_ptr, ucnt_ptr, E, INCLUSIVE, BLOCK_E,
+                                  BLOCK_J, False)
+                tl.debug_barrier()
+                _build_union(gsel_ptr, uids_ptr, uw_ptr, ucnt_ptr, T, E, BLOCK_TU, BLOCK_E)
             tl.store(counter_ptr, 0)
 
 
@@ -204,8 +232,8 @@ def _select_kernel(part_ptr, counter_ptr, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, 
     last program to finish builds the union of all tokens' experts."""
     t = tl.program_id(0)
     logits = _summed_logits(part_ptr, t, T, E, NHS, BLOCK_HS, BLOCK_E)
-    _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr, E,
-                  INCLUSIVE, BLOCK_E, BLOCK_J)
+    _select_token(logits, t, tau, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, gsel_ptr, uids_ptr,
+                  uw_ptr, ucnt_ptr, E, INCLUSIVE, BLOCK_E, BLOCK_J, False)
     if UNION:
         tl.debug_barrier()
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
@@ -215,19 +243,73 @@ def _select_kernel(part_ptr, counter_ptr, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, 
 
 
 @triton.jit
+def _gate_up_step(x_ptr, wg_ptr, wu_ptr, uids_ptr, step, valid, pid, nprog, nh, ncb, H, I, G,
+                  stride_xh, stride_wg_i, stride_wg_h, stride_wu_i, stride_wu_h,
+                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Tiles of step ``step`` of a program's flattened (unit, hidden block) loop (one token;
+    nothing read unless ``valid``)."""
+    unit = pid + (step // nh) * nprog
+    offs_h = (step % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    e = tl.load(uids_ptr + unit // ncb, mask=valid, other=0)
+    offs_c = (unit % ncb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = e * G + offs_c
+    mask_c = (offs_c < valid.to(tl.int32) * G) & (rows < I)
+    m2 = mask_c[:, None] & mask_h[None, :]
+    x = tl.load(x_ptr + offs_h * stride_xh, mask=mask_h, other=0.0)
+    wg = tl.load(wg_ptr + rows[:, None] * stride_wg_i + offs_h[None, :] * stride_wg_h, mask=m2,
+                 other=0.0)
+    wu = tl.load(wu_ptr + rows[:, None] * stride_wu_i + offs_h[None, :] * stride_wu_h, mask=m2,
+                 other=0.0)
+    return x, wg, wu
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, uids_ptr, uw_ptr, ucnt_ptr, act_ptr,
                     T, H, I, E, G, stride_xt, stride_xh, stride_wg_i, stride_wg_h,
                     stride_wu_i, stride_wu_h,
                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    PREFETCH: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Persistent: program ``pid`` takes units ``pid, pid + P, ...`` of the ``ucnt * NCB``
     units (union slot, channel block). ``act[t, slot*G + c]`` is written for ``c < G`` of a
-    real channel (``e*G + c < I``); the buffer's row stride is ``E*G``."""
+    real channel (``e*G + c < I``); the buffer's row stride is ``E*G``. ``PREFETCH`` (one
+    token): the loop over (unit, hidden block) steps is flattened, the next step's tiles are
+    loaded before the current ones are used, and 2-D accumulators are reduced once per unit."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ncb = tl.cdiv(G, BLOCK_C)
     n_units = tl.load(ucnt_ptr) * ncb
     stride_at = E * G
+    if BLOCK_T == 1 and PREFETCH:
+        nh = tl.cdiv(H, BLOCK_H)
+        n_steps = tl.cdiv(n_units - pid, nprog) * nh
+        x_n, wg_n, wu_n = _gate_up_step(x_ptr, wg_ptr, wu_ptr, uids_ptr, 0, 0 < n_steps, pid,
+                                        nprog, nh, ncb, H, I, G, stride_xh, stride_wg_i,
+                                        stride_wg_h, stride_wu_i, stride_wu_h, BLOCK_C, BLOCK_H)
+        gate2 = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+        up2 = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+        for step in range(0, n_steps):
+            x, wg, wu = x_n, wg_n, wu_n
+            x_n, wg_n, wu_n = _gate_up_step(x_ptr, wg_ptr, wu_ptr, uids_ptr, step + 1,
+                                            step + 1 < n_steps, pid, nprog, nh, ncb, H, I, G,
+                                            stride_xh, stride_wg_i, stride_wg_h, stride_wu_i,
+                                            stride_wu_h, BLOCK_C, BLOCK_H)
+            xf = x.to(tl.float32)[None, :]
+            gate2 += wg.to(tl.float32) * xf
+            up2 += wu.to(tl.float32) * xf
+            if step % nh == nh - 1:  # the unit's last hidden block: finish it
+                unit = pid + (step // nh) * nprog
+                slot = unit // ncb
+                offs_c = (unit % ncb) * BLOCK_C + tl.arange(0, BLOCK_C)
+                e = tl.load(uids_ptr + slot)
+                gate = tl.sum(gate2, axis=1)
+                up = tl.sum(up2, axis=1)
+                act = gate * tl.sigmoid(gate) * up * tl.load(uw_ptr + slot)
+                tl.store(act_ptr + slot * G + offs_c, act,
+                         mask=(offs_c < G) & (e * G + offs_c < I))
+                gate2 = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+                up2 = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)
+        return
     for unit in range(pid, n_units, nprog):
         slot = unit // ncb
         cb = unit % ncb
@@ -281,11 +363,26 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, uids_ptr, uw_ptr, ucnt_ptr, act_ptr,
 
 
 @triton.jit
+def _down_unit(act_ptr, wd_ptr, uids_ptr, unit, valid, offs_h, mask_h, ncb, I, G, stride_wd_h,
+               stride_wd_i, BLOCK_K: tl.constexpr):
+    """One token's ``act`` block and ``down`` tile of a unit (nothing read unless ``valid``)."""
+    slot = unit // ncb
+    offs_c = (unit % ncb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    e = tl.load(uids_ptr + slot, mask=valid, other=0)
+    rows = e * G + offs_c
+    mask_c = (offs_c < valid.to(tl.int32) * G) & (rows < I)  # no channel of an invalid unit
+    a = tl.load(act_ptr + slot * G + offs_c, mask=mask_c, other=0.0)
+    w = tl.load(wd_ptr + rows[:, None] * stride_wd_i + offs_h[None, :] * stride_wd_h,
+                mask=mask_c[:, None] & mask_h[None, :], other=0.0)
+    return a, w
+
+
+@triton.jit
 def _down_kernel(act_ptr, wd_ptr, uids_ptr, ucnt_ptr, part_ptr, counter_ptr, y_ptr,
                  T, H, I, E, G, S, stride_wd_h, stride_wd_i, stride_yt,
                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HD: tl.constexpr,
-                 BLOCK_S: tl.constexpr, FUSED_REDUCE: tl.constexpr, UPCAST: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 BLOCK_S: tl.constexpr, FUSED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program ``(j, s)``: output columns ``[j*BLOCK_HD, ...)``, units ``[s*per, (s+1)*per)``
     (unit = union slot, block of ``BLOCK_K`` channels). Writes ``part[s, t, h]``; with
     ``FUSED_REDUCE`` (``T == 1``) the last program of tile ``j`` sums the non-empty splits
@@ -301,19 +398,25 @@ def _down_kernel(act_ptr, wd_ptr, uids_ptr, ucnt_ptr, part_ptr, counter_ptr, y_p
     u1 = tl.minimum(u0 + per, n_units)
     stride_at = E * G
     if BLOCK_T == 1:
-        acc = tl.zeros((BLOCK_HD,), dtype=tl.float32)
-        for unit in range(u0, u1):
-            slot = unit // ncb
-            offs_c = (unit % ncb) * BLOCK_K + tl.arange(0, BLOCK_K)
-            e = tl.load(uids_ptr + slot)
-            rows = e * G + offs_c
-            mask_c = (offs_c < G) & (rows < I)
-            a = tl.load(act_ptr + slot * G + offs_c, mask=mask_c, other=0.0)
-            w = tl.load(wd_ptr + rows[:, None] * stride_wd_i + offs_h[None, :] * stride_wd_h,
-                        mask=mask_c[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a[:, None], axis=0)
+        # 2-D accumulator (one reduction at the end, none per unit) and the next unit's tile
+        # loaded before the current one is used (two tiles in flight per program)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_HD), dtype=tl.float32)
+        if PREFETCH:
+            a_next, w_next = _down_unit(act_ptr, wd_ptr, uids_ptr, u0, u0 < u1, offs_h, mask_h,
+                                        ncb, I, G, stride_wd_h, stride_wd_i, BLOCK_K)
+            for unit in range(u0, u1):
+                a, w = a_next, w_next
+                a_next, w_next = _down_unit(act_ptr, wd_ptr, uids_ptr, unit + 1, unit + 1 < u1,
+                                            offs_h, mask_h, ncb, I, G, stride_wd_h,
+                                            stride_wd_i, BLOCK_K)
+                acc2 += w.to(tl.float32) * a[:, None]
+        else:
+            for unit in range(u0, u1):
+                a, w = _down_unit(act_ptr, wd_ptr, uids_ptr, unit, unit < u1, offs_h, mask_h,
+                                  ncb, I, G, stride_wd_h, stride_wd_i, BLOCK_K)
+                acc2 += w.to(tl.float32) * a[:, None]
         if u0 < u1:
-            tl.store(part_ptr + s * H + offs_h, acc, mask=mask_h)
+            tl.store(part_ptr + s * H + offs_h, tl.sum(acc2, axis=0), mask=mask_h)
     else:
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -379,8 +482,9 @@ class RouterSelection:
     ``probs`` is the full softmax ``[T, E]`` (for entropy and load statistics).
 
     The union of the tokens' experts, which the decode expert kernels stream:
-    ``union_ids[:union_count]`` by expert id, ``union_weights[t, slot]`` the gate of that expert
-    for token ``t`` (0 where ``t`` did not select it). ``selected_gates[t, e]`` is
+    ``union_ids[:union_count]`` (by expert id; for one token, its list in rank order),
+    ``union_weights[t, slot]`` the gate of that expert for token ``t`` (0 where ``t`` did not
+    select it). ``selected_gates[t, e]`` is
     ``sigmoid(r_e)`` where selected, -1 elsewhere."""
 
     ids: torch.Tensor  # [T, E] int32
@@ -431,7 +535,8 @@ class DecodeBlocks:
     ``router_e``/``router_h``: router tile (experts x hidden) of one program. ``gu_c``/``gu_h``:
     channels x hidden tile of a gate/up unit at ``T == 1``; ``gu_programs``: its persistent grid.
     ``down_k``/``down_h``: channels x output tile of the down kernel, ``down_splits`` its split-K
-    count. ``*_dot`` fields: the same for ``T > 1`` (``tl.dot`` tiles, all >= 16).
+    count. ``*_prefetch``: load the next tile before using the current one (T = 1). ``*_dot``
+    fields: the same for ``T > 1`` (``tl.dot`` tiles, all >= 16).
     """
 
     router_e: int = 16
@@ -440,11 +545,13 @@ class DecodeBlocks:
     gu_c: int = 4
     gu_h: int = 2048
     gu_warps: int = 8
-    gu_programs: int = 264
-    down_k: int = 32
-    down_h: int = 256
+    gu_programs: int = 528
+    down_k: int = 16
+    down_h: int = 512
     down_splits: int = 32
-    down_warps: int = 4
+    down_warps: int = 8
+    gu_prefetch: bool = True
+    down_prefetch: bool = True
     gu_c_dot: int = 16
     gu_h_dot: int = 128
     gu_warps_dot: int = 4
@@ -469,23 +576,24 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 def choose_decode_blocks(H: int, I: int, G: int, E: int, device: torch.device,
                          **overrides) -> DecodeBlocks:
-    """Tiles for one FFN shape: enough router and down programs to cover the GPU a few times,
-    tiles no wider than the (power-of-two padded) widths. ``overrides`` replace fields (the
-    benchmark's sweep)."""
+    """Tiles for one FFN shape: about one router program per SM, gate/up and down programs
+    enough to cover the GPU a few times, tiles no wider than the (power-of-two padded) widths.
+    The T = 1 defaults follow the sweeps of ``benchmarks/prunepath_kernels.py`` on an H200 (bf16,
+    H = 4096, G = 128). ``overrides`` replace fields."""
     sms = num_sms(device)
     router_e = 16  # tl.dot (T > 1) needs >= 16; masked lanes cost nothing
     neb = -(-E // router_e)
     router_h = 64
-    while router_h < 2048 and neb * -(-H // router_h) > 2 * sms:  # about 1-2 programs per SM
+    while router_h < 2048 and neb * -(-H // router_h) > sms:  # about one program per SM
         router_h *= 2
     router_h = min(router_h, _pow2(H, 16))
-    down_h = min(256, _pow2(H, 16))
-    down_splits = max(1, min(64, (4 * sms) // -(-H // down_h)))
+    down_h = min(512, _pow2(H, 16))
+    down_splits = max(1, min(64, (2 * sms) // -(-H // down_h)))
     down_h_dot = min(128, _pow2(H, 16))
     down_splits_dot = max(1, min(16, (2 * sms) // -(-H // down_h_dot)))
     fields = dict(router_e=router_e, router_h=router_h, gu_c=min(4, _pow2(G)),
-                  gu_h=min(2048, _pow2(H, 16)), gu_programs=2 * sms,
-                  down_k=min(32, _pow2(G)), down_h=down_h, down_splits=down_splits,
+                  gu_h=min(2048, _pow2(H, 16)), gu_programs=4 * sms,
+                  down_k=min(16, _pow2(G)), down_h=down_h, down_splits=down_splits,
                   gu_c_dot=min(16, _pow2(G, 16)), gu_h_dot=min(128, _pow2(H, 16)),
                   down_k_dot=min(32, _pow2(G, 16)), down_h_dot=down_h_dot,
                   down_splits_dot=down_splits_dot)
@@ -566,8 +674,9 @@ def decode_experts(x2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: tor
         x2, wg, wu, sel.union_ids, sel.union_weights, sel.union_count, act,
         T, H, I, E, G, x2.stride(0), x2.stride(1), wg.stride(0), wg.stride(1),
         wu.stride(0), wu.stride(1),
-        BLOCK_T=1 if T == 1 else _token_block(T), BLOCK_C=bc, BLOCK_H=bh, UPCAST=upcast,
-        DOT_PRECISION=precision, num_warps=warps, num_stages=stages_n)
+        BLOCK_T=1 if T == 1 else _token_block(T), BLOCK_C=bc, BLOCK_H=bh,
+        PREFETCH=blocks.gu_prefetch, UPCAST=upcast, DOT_PRECISION=precision, num_warps=warps,
+        num_stages=stages_n)
     if stages == "gate_up":
         return y
     if T == 1:
@@ -582,7 +691,8 @@ def decode_experts(x2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: tor
         act, wd, sel.union_ids, sel.union_count, part, counters[1:], y,
         T, H, I, E, G, splits, wd.stride(0), wd.stride(1), y.stride(0),
         BLOCK_T=1 if T == 1 else _token_block(T), BLOCK_K=bk, BLOCK_HD=bhd,
-        BLOCK_S=_pow2(splits), FUSED_REDUCE=T == 1, UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_S=_pow2(splits), FUSED_REDUCE=T == 1, PREFETCH=blocks.down_prefetch,
+        UPCAST=upcast, DOT_PRECISION=precision,
         num_warps=warps, num_stages=1 if T == 1 else blocks.stages_dot)
     if T > 1:
         block = max(16, min(1024, 8192 // _pow2(splits)))
