@@ -98,6 +98,25 @@ def copy_bandwidth(device) -> float:
     return 2 * 2 * 1024**3 / (ms * 1e-3)
 
 
+def launch_floor(device, rep: int) -> float:
+    """µs of three back-to-back launches of a one-store kernel in a CUDA graph: the floor of
+    the one-token pipeline's three launches before any memory traffic."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(ptr):
+        tl.store(ptr + tl.program_id(0), tl.program_id(0))
+
+    buf = torch.zeros(256, dtype=torch.int32, device=device)
+
+    def three():
+        for _ in range(3):
+            _touch[(132,)](buf)
+
+    return bench_us(lambda: [three() for _ in range(32)], rep) / 32
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -425,6 +444,8 @@ def run(args) -> dict:
     bw = copy_bandwidth(device)
     result["copy_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    result["launch_floor_us"] = launch_floor(device, args.rep)
+    print(f"three dependent empty launches: {result['launch_floor_us']:.1f} us", flush=True)
     shape_prefill_blocks = PrefillBlocks()
     for si, (name, H, I, G, layers) in enumerate(shapes):
         if args.shapes and name not in args.shapes.split(","):
@@ -519,7 +540,9 @@ def markdown(result: dict, command: str) -> str:
     errors = [r for r in result["rows"] if "error" in r]
     out = [SECTION, "",
            f"{result['device']}, torch {result['torch']}, triton {result['triton']}, bf16; "
-           f"copy bandwidth measured in the same run: {result['copy_GBps']:.0f} GB/s. Medians of "
+           f"copy bandwidth measured in the same run: {result['copy_GBps']:.0f} GB/s; three "
+           f"dependent launches of an empty kernel: {result.get('launch_floor_us', 0):.1f} µs. "
+           f"Medians of "
            f"CUDA-graph replays, µs per FFN (decode: per layer, over "
            f"{', '.join(str(s[4]) + ' layers at H=' + str(s[1]) for s in SHAPES)} called in "
            f"turn). Routing set so that every token selects exactly the stated experts; experts "
