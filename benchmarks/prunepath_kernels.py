@@ -546,8 +546,8 @@ def markdown(result: dict, command: str) -> str:
            f"CUDA-graph replays, µs per FFN (decode: per layer, over "
            f"{', '.join(str(s[4]) + ' layers at H=' + str(s[1]) for s in SHAPES)} called in "
            f"turn). Routing set so that every token selects exactly the stated experts; experts "
-           f"of G=128 channels. Tiles: {result.get('decode_blocks')}; prefill "
-           f"{result.get('prefill_blocks', 'defaults')}.", "",
+           f"of G=128 channels. Tiles: the sweep's picks (every variant and the tiles of each "
+           f"table are in the JSON).", "",
            "```", command, "```", "",
            "**Decode, one token.** Target: PrunePath time <= (active fraction + 0.1) x dense "
            "cuBLAS; one active expert under 15 µs. Bandwidth limit: bytes of the active experts' "

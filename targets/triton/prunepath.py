@@ -32,8 +32,8 @@ below are the same paths for loose tensors):
   atomics on data (three launches for one token). The output is deterministic.
 * more tokens (prefill): :mod:`~prunegraph.targets.triton.prunepath_prefill`: router GEMM and
   per-token selection, tokens grouped by expert, one grouped gate/up GEMM over the active
-  (token, expert) pairs scattered into the activation, and the dense down GEMM; above an active
-  fraction of ``dense_above`` the masked path (every channel, then the gates) is used instead.
+  (token, expert) pairs scattered into the activation, and the dense down GEMM (optionally, above
+  an active fraction ``dense_above``, the masked path: every channel, then the gates).
 """
 
 from __future__ import annotations
@@ -164,13 +164,14 @@ class PrunePathFFN:
     once (the counters); the weights are referenced, not copied, except ``wd`` when packing.
 
     ``max_decode_tokens``: inputs of at most this many tokens take the decode kernels, larger
-    ones the grouped prefill. ``dense_above``: the prefill's active fraction (of expert slots,
-    read back to the host) above which the masked path (every channel computed, then gated) is
-    used; ``None`` always groups (no host read-back)."""
+    ones the grouped prefill. ``dense_above``: an active fraction (of expert slots, read back to
+    the host) above which the prefill takes the masked path (every channel computed, then gated)
+    instead; ``None`` (default) always groups, with no host read-back: on an H200 the grouped
+    prefill was faster than the masked path up to 90% active (``docs/benchmarks.md``)."""
 
     def __init__(self, wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                  group_size: int, *, max_decode_tokens: int = 64,
-                 dense_above: float | None = 0.8, decode_blocks: DecodeBlocks | None = None,
+                 dense_above: float | None = None, decode_blocks: DecodeBlocks | None = None,
                  prefill_blocks: PrefillBlocks | None = None, pack: bool = True) -> None:
         _check_shapes(wr, wg, wu, wd, group_size)
         if max_decode_tokens < 1:
@@ -269,7 +270,7 @@ def expert_swiglu_decode(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd
 
 def prunepath_ffn(x: torch.Tensor, wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
                   wd: torch.Tensor, tau: float, group_size: int, mode: Mode = "exclusive",
-                  max_decode_tokens: int = 64, dense_above: float | None = 0.8,
+                  max_decode_tokens: int = 64, dense_above: float | None = None,
                   decode_blocks: DecodeBlocks | None = None,
                   prefill_blocks: PrefillBlocks | None = None) -> torch.Tensor:
     """PrunePath FFN for ``x [..., H]``: decode kernels for up to ``max_decode_tokens`` tokens,

@@ -553,11 +553,11 @@ class DecodeBlocks:
     gu_prefetch: bool = True
     down_prefetch: bool = True
     gu_c_dot: int = 16
-    gu_h_dot: int = 128
+    gu_h_dot: int = 256
     gu_warps_dot: int = 4
-    down_k_dot: int = 32
+    down_k_dot: int = 64
     down_h_dot: int = 128
-    down_splits_dot: int = 8
+    down_splits_dot: int = 16
     down_warps_dot: int = 4
     stages_dot: int = 3
 
@@ -578,8 +578,9 @@ def choose_decode_blocks(H: int, I: int, G: int, E: int, device: torch.device,
                          **overrides) -> DecodeBlocks:
     """Tiles for one FFN shape: about one router program per SM, gate/up and down programs
     enough to cover the GPU a few times, tiles no wider than the (power-of-two padded) widths.
-    The T = 1 defaults follow the sweeps of ``benchmarks/prunepath_kernels.py`` on an H200 (bf16,
-    H = 4096, G = 128). ``overrides`` replace fields."""
+    The defaults are the fastest of the one-knob sweeps of ``benchmarks/prunepath_kernels.py``
+    on an H200 (bf16, H = 4096, G = 128; T = 1 at 30% and one expert, T = 32 at 30%), the tiles
+    its table in ``docs/benchmarks.md`` was measured with. ``overrides`` replace fields."""
     sms = num_sms(device)
     router_e = 16  # tl.dot (T > 1) needs >= 16; masked lanes cost nothing
     neb = -(-E // router_e)
@@ -590,13 +591,11 @@ def choose_decode_blocks(H: int, I: int, G: int, E: int, device: torch.device,
     down_h = min(512, _pow2(H, 16))
     down_splits = max(1, min(64, (2 * sms) // -(-H // down_h)))
     down_h_dot = min(128, _pow2(H, 16))
-    down_splits_dot = max(1, min(16, (2 * sms) // -(-H // down_h_dot)))
     fields = dict(router_e=router_e, router_h=router_h, gu_c=min(4, _pow2(G)),
                   gu_h=min(2048, _pow2(H, 16)), gu_programs=4 * sms,
                   down_k=min(16, _pow2(G)), down_h=down_h, down_splits=down_splits,
-                  gu_c_dot=min(16, _pow2(G, 16)), gu_h_dot=min(128, _pow2(H, 16)),
-                  down_k_dot=min(32, _pow2(G, 16)), down_h_dot=down_h_dot,
-                  down_splits_dot=down_splits_dot)
+                  gu_c_dot=min(16, _pow2(G, 16)), gu_h_dot=min(256, _pow2(H, 16)),
+                  down_k_dot=min(64, _pow2(G, 16)), down_h_dot=down_h_dot, down_splits_dot=16)
     fields.update(overrides)
     return DecodeBlocks(**fields)
 

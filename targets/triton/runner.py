@@ -176,15 +176,15 @@ def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, pre
 
 def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
                            channels_per_program: int | None = None, pack: bool = True,
-                           prefill: str = "grouped", dense_above: float | None = 0.8
+                           prefill: str = "grouped", dense_above: float | None = None
                            ) -> nn.Module:
     """Make every routed MLP of a PrunePath model (``prunegraph.prunepath``) run the Triton
     PrunePath kernels (:class:`~prunegraph.targets.triton.prunepath.PrunePathFFN`): inputs of at
     most ``max_grid_tokens`` tokens (decode, small batches) the decode kernels, which stream the
     union of the tokens' active experts; larger inputs (prefill) the grouped prefill (tokens
-    grouped by expert, one grouped gate/up GEMM, dense down), or the masked path above an active
-    fraction of ``dense_above``. ``prefill="masked"`` leaves larger inputs to the module's own
-    masked PyTorch forward instead. Returns ``model``.
+    grouped by expert, one grouped gate/up GEMM, dense down), or, if ``dense_above`` is given,
+    the masked path above that active fraction. ``prefill="masked"`` leaves larger inputs to the
+    module's own masked PyTorch forward instead. Returns ``model``.
 
     ``tau`` and ``mode`` are read from each router at every call, so ``set_tau`` still works.
     The kernel paths do not update the routers' statistics (``active_fraction``); measure those
