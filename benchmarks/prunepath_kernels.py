@@ -94,7 +94,6 @@ def copy_bandwidth(device) -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200,
                                  return_mode="median")
-    del src, dst
     return 2 * 2 * 1024**3 / (ms * 1e-3)
 
 
@@ -520,7 +519,6 @@ def run(args) -> dict:
                 result["rows"].append(row)
             save()
         shape.free()
-        del shape
         torch.cuda.empty_cache()
     save()
     return result

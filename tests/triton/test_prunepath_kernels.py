@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from prunegraph.targets.triton import prunepath_prefill as pre
 from prunegraph.targets.triton.prunepath import (
-    DecodeBlocks,
     PrefillBlocks,
     PrunePathFFN,
     expert_mask,
