@@ -3,8 +3,9 @@
 1. Fused pruned SwiGLU MLP (the codegen-generated module) vs PyTorch eager and ``torch.compile``
    for SmolLM2-135M's MLP (H=576, I=1536) and pruned widths (I=1229, 768), at decode (T=1) and
    prefill token counts.
-2. PrunePath decode (router kernel + expert kernel) at several tau vs the dense FFN (eager and
-   the fused Triton decode kernel), E=48 experts of G=32 channels (I=1536).
+2. PrunePath decode (router and expert kernels) at several tau vs the dense FFN (eager and
+   the fused Triton decode kernel), E=48 experts of G=32 channels (I=1536). The kernel table at
+   real FFN sizes is ``benchmarks/prunepath_kernels.py``.
 
 3. A sweep of the PrunePath expert split (``--sweep``). The SwiGLU tile table is swept at LLM
    sizes by ``benchmarks/triton_mlp.py --sweep``.
@@ -158,6 +159,7 @@ def sweep_blocks(dtype) -> list[dict]:
         prunepath_ffn,
         prunepath_ffn_reference,
     )
+    from prunegraph.targets.triton.prunepath_decode import choose_decode_blocks
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -171,13 +173,14 @@ def sweep_blocks(dtype) -> list[dict]:
     x1 = torch.randn(1, H, device="cuda", generator=g).to(dtype)
     for tau, cpp in itertools.product((0.7, 1.05), (4, 8, 32)):
         row = dict(kind="sweep_prunepath", tau=tau, channels_per_program=cpp)
+        blocks = choose_decode_blocks(H, E * G, G, E, x1.device, gu_c=cpp)
         try:
             ref = prunepath_ffn_reference(x1.double(), wr.double(), wg.double(), wu.double(),
                                           wd.double(), tau, G)
             row["max_err"] = _err(prunepath_ffn(x1, wr, wg, wu, wd, tau, G,
-                                                channels_per_program=cpp), ref)
+                                                decode_blocks=blocks), ref)
             row["us"] = _bench(lambda: prunepath_ffn(x1, wr, wg, wu, wd, tau, G,
-                                                     channels_per_program=cpp), graph=True)
+                                                     decode_blocks=blocks), graph=True)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:200]
         rows.append(row)

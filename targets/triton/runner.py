@@ -2,7 +2,7 @@
 
 Two installers share :func:`uninstall`: :func:`install_triton_mlps` (dense or pruned MLPs, the
 generated fused SwiGLU launchers) and :func:`install_prunepath_mlps` (a PrunePath model's routed
-MLPs, the top-p expert kernels of :mod:`~prunegraph.targets.triton.prunepath`).
+MLPs, the decode and grouped prefill kernels of :mod:`~prunegraph.targets.triton.prunepath`).
 
 For :func:`install_triton_mlps` an MLP qualifies when the captured graph shows its forward is
 exactly ``down(silu(x @ Wg^T) * (x @ Wu^T))`` with no bias (a gated MLP of
@@ -32,7 +32,8 @@ from prunegraph.errors import PreconditionError
 from prunegraph.passes.prunepath import router as pp
 from prunegraph.targets.triton.codegen import MLPShape, load_module
 from prunegraph.targets.triton.patterns import GatedMLP, gated_mlps
-from prunegraph.targets.triton.prunepath import prunepath_ffn
+from prunegraph.targets.triton.prunepath import PrunePathFFN
+from prunegraph.targets.triton.prunepath_decode import choose_decode_blocks
 from prunegraph.targets.triton.swiglu import interpreting
 
 __all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall",
@@ -209,38 +210,48 @@ def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str | GatedMLP],
     return model
 
 
-def _make_prunepath_forward(router, wg, wu, wd, max_grid_tokens: int,
-                            channels_per_program: int, original, warned: set[str]):
+def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, prefill: str,
+                            original, warned: set[str]):
     def forward(self, x, *args, **kwargs):
-        if x.numel() // x.shape[-1] > max_grid_tokens:
-            return original(x, *args, **kwargs)  # prefill: the documented masked PyTorch path
-        reason = _fallback_reason(x, (router.weight, wg, wu, wd))
+        if prefill == "masked" and x.numel() // x.shape[-1] > max_grid_tokens:
+            return original(x, *args, **kwargs)  # the module's own masked PyTorch forward
+        reason = _fallback_reason(x, (router.weight, ffn.wg, ffn.wu, ffn.wd))
         if reason is not None:
             _warn_once(reason, warned)
             return original(x, *args, **kwargs)
-        return prunepath_ffn(x, router.weight, wg, wu, wd, router.tau, router.group_size,
-                             router.mode, max_grid_tokens=max_grid_tokens,
-                             channels_per_program=channels_per_program)
+        return ffn(x, router.tau, router.mode)
 
     return forward
 
 
 def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
-                           channels_per_program: int = 4, pack: bool = True) -> nn.Module:
-    """Make every routed MLP of a PrunePath model (``prunegraph.passes.prunepath.router``) run the Triton
-    router and expert kernels for inputs of at most ``max_grid_tokens`` tokens (decode, small
-    batches); larger inputs (prefill) run the module's own dense masked PyTorch forward, since
-    the grid path streams each token's experts separately. Returns ``model``.
+                           channels_per_program: int | None = None, pack: bool = True,
+                           prefill: str = "grouped", dense_above: float | None = None
+                           ) -> nn.Module:
+    """Make every routed MLP of a PrunePath model (:mod:`prunegraph.passes.prunepath.router`) run the Triton
+    PrunePath kernels (:class:`~prunegraph.targets.triton.prunepath.PrunePathFFN`): inputs of at
+    most ``max_grid_tokens`` tokens (decode, small batches) the decode kernels, which stream the
+    union of the tokens' active experts; larger inputs (prefill) the grouped prefill (tokens
+    grouped by expert, one grouped gate/up GEMM, dense down), or, if ``dense_above`` is given,
+    the masked path above that active fraction. ``prefill="masked"`` leaves larger inputs to the
+    module's own masked PyTorch forward instead. Returns ``model``.
 
     ``tau`` and ``mode`` are read from each router at every call, so ``set_tau`` still works.
-    The kernel path does not update the routers' statistics (``active_fraction``); measure those
+    The kernel paths do not update the routers' statistics (``active_fraction``); measure those
     on the PyTorch path. ``pack`` copies each ``down`` weight once into the column-major decode
     layout (a third of the FFN weights again in memory; without it the kernels read the live
-    row-major weight through its strides, slower). The weights are taken now: move or cast the
-    model first, and install again after changing its weights.
+    row-major weight through its strides, slower). ``channels_per_program`` (a power of two)
+    overrides the channels of one decode gate/up unit. The weights are taken now: move or cast
+    the model first, and install again after changing its weights.
     """
     if max_grid_tokens < 1:
         raise PreconditionError(f"max_grid_tokens must be >= 1, got {max_grid_tokens}")
+    if prefill not in ("grouped", "masked"):
+        raise PreconditionError(f"prefill must be 'grouped' or 'masked', got {prefill!r}")
+    if channels_per_program is not None and (channels_per_program < 1 or channels_per_program
+                                             & (channels_per_program - 1)):
+        raise PreconditionError(f"channels_per_program must be a power of two, got "
+                                f"{channels_per_program}")
     layers = pp.kernel_weights(model)  # raises unless routed SwiGLU MLPs are installed
     todo = []
     for w, router in zip(layers, pp.routers(model)):
@@ -249,12 +260,18 @@ def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
             raise PreconditionError(f"{w['mlp']} already runs Triton kernels; call uninstall "
                                     f"first")
         _check_silu(mlp, w["mlp"], w["wg"])
-        wd = w["wd"].t().contiguous().t() if pack else w["wd"]
-        todo.append((mlp, router, w["wg"], w["wu"], wd))
+        I, H = w["wg"].shape
+        G = w["group_size"]
+        overrides = {} if channels_per_program is None else {"gu_c": channels_per_program}
+        blocks = choose_decode_blocks(H, I, G, -(-I // G), w["wg"].device, **overrides)
+        ffn = PrunePathFFN(router.weight, w["wg"], w["wu"], w["wd"], G,
+                           max_decode_tokens=max_grid_tokens, dense_above=dense_above,
+                           decode_blocks=blocks, pack=pack)
+        todo.append((mlp, router, ffn))
     warned: set[str] = set()
-    for mlp, router, wg, wu, wd in todo:
-        _swap_forward(mlp, lambda original, r=router, g=wg, u=wu, d=wd: _make_prunepath_forward(
-            r, g, u, d, max_grid_tokens, channels_per_program, original, warned))
+    for mlp, router, ffn in todo:
+        _swap_forward(mlp, lambda original, r=router, f=ffn: _make_prunepath_forward(
+            r, f, max_grid_tokens, prefill, original, warned))
     return model
 
 
