@@ -144,12 +144,16 @@ class Evaluate(Pass):
     def _generate(self, state: State, prompts: list[str], reference) -> dict:
         from prunegraph.runfolder import atomic_write_json
 
+        t0 = time.perf_counter()
         tokens = greedy_continuations(state.model, state.tokenizer, prompts, self.gen_tokens,
                                       progress=state.progress)
+        seconds = round(time.perf_counter() - t0, 1)
         records = dict(state.get("generations") or {})
         records[self.label] = generation_record(prompts, tokens, state.tokenizer)
         state.generations = records
         if state.run_dir is not None:
             atomic_write_json(state.run_dir / "generations.json", records)
         metrics = generation_metrics(tokens, reference[1] if reference else None)
-        return {"reference": reference[0], **metrics} if reference else metrics
+        if reference:
+            metrics = {"reference": reference[0], **metrics}
+        return dict(metrics, seconds=seconds)
