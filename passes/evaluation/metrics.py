@@ -2,21 +2,23 @@
 
 * :func:`perplexity` is ``exp`` of the mean next-token negative log-likelihood over every
   predicted token of every block (a block of ``L`` tokens predicts ``L - 1``). Blocks come from
-  :func:`prunegraph.data.text.token_blocks`.
+  :func:`prunegraph.data.blocks.text_blocks`.
 * :func:`multiple_choice` scores a :class:`prunegraph.data.tasks.Task` the way lm-eval scores
-  ``acc`` and ``acc_norm``: the log-likelihood of ``" " + option`` continuing the prompt (the sum
-  of the option tokens' log-probabilities), argmax over options; ``acc_norm`` divides each sum by
-  the option's length in UTF-8 bytes first. Tokenization follows lm-eval: the option's tokens are
-  those of ``prompt + " " + option`` beyond the tokens of ``prompt``.
+  ``acc``, ``acc_norm`` and ``acc_bytes`` (``lm_eval/api/task.py``, ``ConfigurableTask.
+  process_results`` for ``multiple_choice``): the log-likelihood of ``" " + option`` continuing
+  the prompt (the sum of the option tokens' log-probabilities), argmax over options;
+  ``acc_norm`` divides each sum by the option's length in characters first, ``acc_bytes`` by its
+  length in UTF-8 bytes (the two differ only for non-ASCII options). Tokenization follows
+  lm-eval: the option's tokens are those of ``prompt + " " + option`` beyond the tokens of
+  ``prompt``. ``tests/test_lm_eval.py`` checks this against lm-eval's own code.
 
 Both run under ``torch.no_grad`` with the model in eval mode (its mode is restored afterwards).
 
 Example::
 
     model, tok = load_model("smollm2-135m")
-    _, held_out = split_documents(load_documents("wikipedia"))
-    perplexity(model, token_blocks(tok, held_out, 512, n_blocks=32))        # 21.80
-    multiple_choice(model, tok, load_task("winowhy"), limit=200)  # {"acc", "acc_norm", "n"}
+    perplexity(model, text_blocks(tok, "wikipedia", "evaluation", 512, 32))  # 21.80
+    multiple_choice(model, tok, load_task("winowhy"), limit=200)  # {"acc", "acc_norm", ..., "n"}
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunegraph.data.tasks import Task, load_task
+from prunegraph.data.tasks import Example, Task, load_task
 from prunegraph.data.text import tokenizer_adds_bos
 from prunegraph.errors import PrunegraphError
 
-__all__ = ["perplexity", "multiple_choice", "select_examples"]
+__all__ = ["perplexity", "multiple_choice", "option_loglikelihoods", "score_choices",
+           "select_examples"]
 
 
 @contextlib.contextmanager
@@ -70,7 +73,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4
     """``exp(mean NLL)`` of ``model`` over all predicted tokens of ``blocks`` (``[n, L]``)."""
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
         raise PrunegraphError("blocks must be a LongTensor [n_blocks, block_len]; build it with "
-                              "prunegraph.data.text.token_blocks")
+                              "prunegraph.data.blocks.text_blocks")
     if blocks.shape[0] < 1 or blocks.shape[1] < 2:
         raise PrunegraphError(f"blocks of shape {tuple(blocks.shape)} predict no token; need at "
                               f"least one block of >= 2 tokens")
@@ -109,7 +112,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def multiple_choice(model: torch.nn.Module, tokenizer: Any, task: Task | str, limit: int | None = None,
                     batch_size: int = 8, progress: bool = True, seed: int = 0,
                     add_bos: bool | None = None, max_length: int | None = None) -> dict[str, float]:
-    """Zero-shot ``acc`` and ``acc_norm`` of ``model`` on ``task`` (see module docstring).
+    """Zero-shot ``acc``, ``acc_norm`` and ``acc_bytes`` of ``model`` on ``task`` (module docstring).
 
     ``task`` is a :class:`~prunegraph.data.tasks.Task` or anything :func:`~prunegraph.data.tasks.load_task`
     accepts (a built-in name or a BIG-bench JSON path).
@@ -126,9 +129,22 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, task: Task | str, li
     if not isinstance(task, Task):
         raise PrunegraphError(f"task must be a prunegraph.data.tasks.Task or a task name, got "
                               f"{type(task).__name__}")
+    chosen = select_examples(len(task.examples), limit, seed)
+    loglik = option_loglikelihoods(model, tokenizer, task, chosen, batch_size=batch_size,
+                                   progress=progress, add_bos=add_bos, max_length=max_length)
+    return dict(score_choices([task.examples[i] for i in chosen], loglik), n=len(chosen))
+
+
+def option_loglikelihoods(model: torch.nn.Module, tokenizer: Any, task: Task,
+                          examples: Sequence[int] | None = None, batch_size: int = 8,
+                          progress: bool = True, add_bos: bool | None = None,
+                          max_length: int | None = None) -> list[list[float]]:
+    """``log p(" " + option | prompt)`` for every option of the examples at ``examples``
+    (default: all), as a list per example in the order of its options; see
+    :func:`multiple_choice` for the tokenization, batching and truncation."""
     if batch_size < 1:
         raise PrunegraphError(f"batch_size must be >= 1, got {batch_size}")
-    chosen = select_examples(len(task.examples), limit, seed)
+    chosen = list(range(len(task.examples))) if examples is None else list(examples)
     if add_bos is None:
         add_bos = tokenizer_adds_bos(tokenizer)
     if max_length is None:
@@ -168,15 +184,26 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, task: Task | str, li
                 logp = torch.log_softmax(logits[row, end - n_cont - 1:end - 1].float(), dim=-1)
                 target = ids[row, end - n_cont:end].to(logp.device)
                 loglik[slot][oi] = logp.gather(-1, target[:, None]).sum().item()
+    return loglik
 
-    acc = acc_norm = 0
-    for slot, ei in enumerate(chosen):
-        ex = task.examples[ei]
-        best = max(ex.scores)
-        lengths = [max(1, len(o.encode("utf-8"))) for o in ex.options]
-        pick = max(range(len(ex.options)), key=lambda j: (loglik[slot][j], -j))
-        pick_norm = max(range(len(ex.options)), key=lambda j: (loglik[slot][j] / lengths[j], -j))
-        acc += ex.scores[pick] == best
-        acc_norm += ex.scores[pick_norm] == best
-    n = len(chosen)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+def score_choices(examples: Sequence[Example], loglik: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``acc``, ``acc_norm`` and ``acc_bytes`` of per-option log-likelihoods, as lm-eval scores
+    a multiple-choice task: the argmax of the log-likelihoods, of the log-likelihoods divided by
+    each option's length in characters, and divided by its length in UTF-8 bytes. An example
+    is correct when the chosen option has its highest target score; ties go to the first option
+    (``numpy.argmax``)."""
+    if len(examples) != len(loglik) or not examples:
+        raise PrunegraphError(f"{len(examples)} examples but {len(loglik)} lists of option "
+                              f"log-likelihoods; give one list per example, at least one")
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
+    for ex, ll in zip(examples, loglik):
+        if len(ll) != len(ex.options):
+            raise PrunegraphError(f"an example with {len(ex.options)} options got {len(ll)} "
+                                  f"log-likelihoods")
+        lengths = {"acc": [1] * len(ll), "acc_norm": [max(1, len(o)) for o in ex.options],
+                   "acc_bytes": [max(1, len(o.encode("utf-8"))) for o in ex.options]}
+        for key, length in lengths.items():
+            pick = max(range(len(ll)), key=lambda j: (ll[j] / length[j], -j))
+            hits[key] += ex.scores[pick] == max(ex.scores)
+    return {k: v / len(examples) for k, v in hits.items()}

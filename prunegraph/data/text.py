@@ -3,7 +3,10 @@
 ``load_documents(source)`` returns a list of :class:`Document` (title + text):
 
 * ``"wikipedia"``: the built-in excerpt of English Wikipedia (99 articles, 2.8 M characters;
-  ``prunegraph/data/ATTRIBUTION.md``), which works offline;
+  ``prunegraph/data/ATTRIBUTION.md``), which works offline; the default calibration text;
+* ``"austen"``: the built-in *out-of-domain* text, two of Jane Austen's novels (*Persuasion* and
+  *Northanger Abbey*, public domain; 55 chapters, 160 K words, about 210 K SmolLM2 tokens):
+  fiction and dialogue, far from the encyclopaedic calibration text;
 * a local path: a ``.jsonl`` file (optionally ``.xz``/``.gz``) with one ``{"title", "text"}``
   object a line; any other file is plain text split into one document per paragraph (paragraphs
   are separated by blank lines); a folder gives one document per ``*.txt`` file in it;
@@ -27,6 +30,7 @@ import gzip
 import json
 import lzma
 import random
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,11 +40,17 @@ import torch
 
 from prunegraph.errors import PrunegraphError, nearest
 
-__all__ = ["Document", "BUILTIN_SOURCES", "load_documents", "split_documents", "token_blocks",
-           "tokenizer_adds_bos"]
+__all__ = ["Document", "BUILTIN_SOURCES", "SOURCE_DESCRIPTIONS", "load_documents",
+           "source_key", "split_documents", "token_blocks", "tokenizer_adds_bos"]
 
 #: Names ``load_documents`` understands without a path.
-BUILTIN_SOURCES = ("wikipedia",)
+BUILTIN_SOURCES = ("wikipedia", "austen")
+#: What each built-in source holds, for help texts.
+SOURCE_DESCRIPTIONS = {
+    "wikipedia": "English Wikipedia excerpt, 99 articles (in-domain: the default calibration text)",
+    "austen": "two Jane Austen novels, 55 chapters (out-of-domain: fiction and dialogue)",
+}
+_BUILTIN_FILES = {"wikipedia": "wikipedia.jsonl.xz", "austen": "austen.jsonl.xz"}
 
 
 @dataclass(frozen=True)
@@ -60,10 +70,10 @@ def load_documents(source: str) -> list[Document]:
     if not isinstance(source, str) or not source:
         raise PrunegraphError(f"text source must be a non-empty string, got {source!r}; use "
                               f"'wikipedia', a file or folder path, or 'hf:NAME[:CONFIG][:SPLIT]'")
-    if source == "wikipedia":
+    if source in _BUILTIN_FILES:
         docs = _read_jsonl_bytes(
             lzma.decompress(resources.files("prunegraph.data").joinpath(
-                "wikipedia.jsonl.xz").read_bytes()), "wikipedia")
+                _BUILTIN_FILES[source]).read_bytes()), source)
     elif source.startswith("hf:"):
         docs = _load_hf(source)
     else:
@@ -75,6 +85,26 @@ def load_documents(source: str) -> list[Document]:
         raise PrunegraphError(f"text source '{source}' holds no non-empty document; check its "
                               f"contents or pick another source")
     return docs
+
+
+def source_key(source: str) -> str:
+    """A short name for ``source`` that can be part of a metric key (``ppl_<key>``).
+
+    Built-in sources keep their name; a path gives its file or folder name without extensions;
+    ``hf:NAME[:CONFIG][:SPLIT]`` gives the dataset name and config. Anything outside
+    ``[a-z0-9]`` becomes ``_``::
+
+        source_key("austen") == "austen"
+        source_key("~/text/my-notes.jsonl.xz") == "my_notes"
+        source_key("hf:wikitext:wikitext-2-raw-v1:test") == "wikitext_wikitext_2_raw_v1"
+    """
+    if source in BUILTIN_SOURCES:
+        return source
+    if source.startswith("hf:"):
+        raw = "_".join(p for p in source[3:].split(":")[:2] if p).rsplit("/", 1)[-1]
+    else:
+        raw = Path(source).expanduser().name.split(".")[0] or "text"
+    return re.sub(r"[^a-z0-9]+", "_", raw.lower()).strip("_") or "text"
 
 
 def _unknown_source(source: str) -> str:
