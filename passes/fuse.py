@@ -127,7 +127,7 @@ class FusedPart(nn.Module):
 
 def _plain_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward \
-        and not parametrize.is_parametrized(module)
+        and not parametrize.is_parametrized(module) and not module._forward_pre_hooks
 
 
 def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list[str]]]:
@@ -188,15 +188,7 @@ def fold_gates(model_or_gates: nn.Module | GateSet) -> int:
             raise PreconditionError(
                 f"group {name!r} has experts gated to exactly 0, which mask the router and cannot "
                 "be folded into weights; slice the model first (Slice pass / apply_plan)")
-    count = 0
-    with torch.no_grad():
-        for module, attr in list(gates._folded):
-            if parametrize.is_parametrized(module, attr):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                count += 1
-    gates._folded.clear()
-    gates.remove()  # the router hooks; weights are plain tensors again
-    return count
+    return gates.fold()  # weights are plain tensors again, the router hooks gone
 
 
 # -------------------------------------------------------------------------------- fusing
