@@ -45,6 +45,11 @@ class GateObjective:
         self.polish_steps, self.model = polish_steps, model
         self.mask: dict[str, torch.Tensor] | None = None
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The family: its gates and multipliers are the trained tensors."""
+        return self.family
+
     def config(self) -> dict[str, Any]:
         return {**self.family.config(), "polish_steps": self.polish_steps}
 
@@ -116,6 +121,14 @@ class GateObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.family.load_state_dict(state["family"])
+        self.family.load_extra_state(state["extra"])
+        self.mask = state.get("mask")
+
+    def extra_state(self) -> dict[str, Any]:
+        """The state besides the family's tensors (a sharded checkpoint saves those itself)."""
+        return {"extra": self.family.extra_state(), "mask": self.mask}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.family.load_extra_state(state["extra"])
         self.mask = state.get("mask")
 
