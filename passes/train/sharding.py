@@ -35,6 +35,7 @@ from torch import nn
 
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.ir.capture import canonical_parameters
+from prunegraph.passes._layers import decoder_layers
 from prunegraph.pipeline import distributed
 
 __all__ = ["Sharding", "decoder_layers", "needs_sharding"]
@@ -59,17 +60,6 @@ def needs_sharding(config) -> bool:
                         "torchrun launch (prunegraph run ... --nproc N); set cpu_offload: false "
                         "in a single process")
     return distributed.active() or bool(getattr(config, "activation_checkpointing", False))
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of ``model``: modules whose class HF lists in ``_no_split_modules``,
-    else the children of its longest ``nn.ModuleList``."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 class _Snapshot:
