@@ -74,6 +74,8 @@ def _groups(spec: str, folder: str | None, model=None):
     from prunegraph.data.models import load_model
     from prunegraph.ir.analysis import analyze
 
+    if model is not None and next(model.parameters()).device.type == "meta":
+        return analyze(model).groups  # this very model (fewer layers with SCALE_LAYERS)
     meta, _ = load_model(spec, meta=True, tokenizer=False)
     return analyze(meta).groups
 
@@ -131,8 +133,9 @@ def _timed(fn, device, warmup: int, iters: int) -> dict:
 
 
 def _autocast(device):
-    import torch
     from contextlib import nullcontext
+
+    import torch
 
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -311,6 +314,11 @@ def write_random_shards(spec: str, folder: Path, device) -> dict:
     from prunegraph.passes._layers import layer_prefixes
 
     config = load_config(spec)
+    if os.environ.get("SCALE_LAYERS"):  # the first N decoder layers (each is the same size)
+        n = int(os.environ["SCALE_LAYERS"])
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:n]
+        config.num_hidden_layers = n
     with init_empty_weights():
         skel = AutoModelForCausalLM.from_config(config)
     prefixes = layer_prefixes(skel)
@@ -322,6 +330,7 @@ def write_random_shards(spec: str, folder: Path, device) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(0)
     weight_map, total = {}, 0
+    t_start = time.perf_counter()
     for file, tensors in shards.items():
         out = {}
         for name, shape in tensors:
@@ -334,6 +343,7 @@ def write_random_shards(spec: str, folder: Path, device) -> dict:
             weight_map[name] = file
             total += t.numel() * 2
         save_file(out, folder / file)
+        print(f"shard {file}: {time.perf_counter() - t_start:.1f}s", flush=True)
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(folder)
@@ -345,7 +355,7 @@ def write_random_shards(spec: str, folder: Path, device) -> dict:
 def part_qwen32b_wanda(tiny: bool, groups_dir: str | None) -> dict:
     import torch
 
-    from prunegraph.data.models import load_model
+    from prunegraph.data.models import load_config, load_model
     from prunegraph.passes._sequential import score_sequential
     from prunegraph.passes.allocate import allocate
     from prunegraph.plan.plan import Plan
@@ -353,7 +363,8 @@ def part_qwen32b_wanda(tiny: bool, groups_dir: str | None) -> dict:
     device = _device()
     spec = _spec("qwen32b", tiny)
     seq, n_blocks = (32, 8) if tiny else (SEQ, int(os.environ.get("SCALE_CALIB_BLOCKS", "32")))
-    with tempfile.TemporaryDirectory(prefix="qwen32b-", dir=os.environ.get("SCALE_DISK")) as tmp:
+    disk = os.environ.get("SCALE_DISK")
+    with tempfile.TemporaryDirectory(prefix="qwen32b-", dir=disk) as tmp:
         folder = Path(tmp) / "model"
         t0 = time.perf_counter()
         written = write_random_shards(spec, folder, device)
@@ -367,7 +378,7 @@ def part_qwen32b_wanda(tiny: bool, groups_dir: str | None) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         t1 = time.perf_counter()
         scores = score_sequential(model, groups, "wanda", blocks, folder, batch_size=BATCH,
-                                  device=device, offload="cpu", progress=False)
+                                  device=device, offload="cpu", progress=True)
         _sync(device)
         score_s = time.perf_counter() - t1
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -382,7 +393,9 @@ def part_qwen32b_wanda(tiny: bool, groups_dir: str | None) -> dict:
             "layer_gib": round(written["layer_bytes"] / 2**30, 2),
             "model_gib": round(written["model_bytes"] / 2**30, 2),
             "batch_hidden_gib": round(batch_acts / 2**30, 3),
-            "removed_params": int(keep.stats["removed"]), "plan_groups": len(plan.groups)}
+            "removed_params": int(keep.stats["removed"]), "plan_groups": len(plan.groups),
+            "shards_in": disk or tempfile.gettempdir(),
+            "full_model_layers": load_config(spec).num_hidden_layers}
 
 
 def part_cli_2gpu(tiny: bool, groups_dir: str | None) -> dict:
@@ -442,8 +455,10 @@ def _run_part(name: str, tiny: bool, groups_dir: str | None, timeout: float) -> 
         t0 = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "timeout_s": round(timeout)}
+        except subprocess.TimeoutExpired as e:  # what it printed says where the time went
+            tail = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                           for x in (e.stdout, e.stderr))
+            return {"status": "timeout", "timeout_s": round(timeout), "output": tail[-1500:]}
         wall = round(time.perf_counter() - t0, 1)
         if done.returncode != 0 or not out.exists():
             return {"status": "failed", "wall_s": wall, "stderr": done.stderr[-2500:]}
@@ -467,7 +482,11 @@ def run(args) -> None:
     from prunegraph.atomic import atomic_write_text
 
     out = Path(args.out)
-    results = {"command": "python benchmarks/scale.py run" + (" --tiny" if args.tiny else ""),
+    flags = " --tiny" if args.tiny else ""
+    flags += f" --groups {Path(args.groups).name}" if args.groups else ""
+    flags += f" --budget {args.budget:g}" + (f" --parts {args.parts}" if args.parts != ",".join(PARTS)
+                                            else "")
+    results = {"command": f"python benchmarks/scale.py run{flags}",
                "machine": _machine(), "parts": {}}
     deadline = time.perf_counter() + args.budget
     for name in args.parts.split(","):
@@ -518,7 +537,7 @@ def docs(args) -> None:
     parts = data["parts"]
     gpus = ", ".join(data["machine"].get("gpus", [])) or "no GPU"
     lines = ["## Mask training and one-shot calibration at scale (H200)", "",
-             f"`{data['command']}` on {gpus} (torch {data['machine']['torch']}, transformers "
+             f"`{data['command']}` on {gpus} (nvidia-h200-x2; torch {data['machine']['torch']}, transformers "
              f"{data['machine']['transformers']}); random bf16 weights of the real "
              f"configurations, batch {BATCH} x {parts.get('llama8b-1gpu', {}).get('seq', SEQ)} "
              f"tokens per step over all GPUs. JSON: "
@@ -537,7 +556,7 @@ def docs(args) -> None:
             lines.append(f"| {label} | {_fmt(row, 'seconds')} | {_fmt(row, 'peak_gib')} |")
         lines += ["", f"Mask step / baseline b = **{one.get('ratio_vs_teacher_plus_fwd_bwd')}x** "
                   f"(target <= 1.3x); / baseline a = {one.get('ratio_vs_plain_fwd_bwd')}x "
-                  f"(ideal 1.5x: one more forward of three passes); "
+                  f"(the teacher's no-grad forward is the difference between a and b); "
                   f"{one.get('tokens_per_s')} tokens/s.", ""]
     two = parts.get("llama8b-2gpu", {})
     if two.get("status") == "ok" and one.get("status") == "ok":
@@ -549,8 +568,9 @@ def docs(args) -> None:
     moe = parts.get("qwen30b-2gpu", {})
     if moe.get("status") == "ok":
         lines += [f"**Qwen3-30B-A3B, 2 GPUs** (heads, whole experts and expert channels gated: "
-                  f"{moe['gated_groups']} groups; expert tensors gated on the parameter, "
-                  f"{moe['sites']}): {moe['mask_step']['seconds']} s/step, "
+                  f"{moe['gated_groups']} groups; {moe['sites']['activation']} gated linears on "
+                  f"the activation, {moe['sites']['parameter']} fused expert tensors on the "
+                  f"parameter): {moe['mask_step']['seconds']} s/step, "
                   f"{moe['tokens_per_s']} tokens/s, peak {moe['peak_gib_max']} GiB per GPU.", ""]
     seq = parts.get("qwen32b-wanda", {})
     if seq.get("status") == "ok":
@@ -564,8 +584,9 @@ def docs(args) -> None:
                   ""]
     for name, p in parts.items():
         if p.get("status") != "ok":
-            lines.append(f"- `{name}` was not measured: {p.get('status')} "
-                         f"{p.get('why') or p.get('timeout_s') or ''}".rstrip())
+            why = p.get("why") or (f"over its {p['timeout_s']} s limit" if "timeout_s" in p
+                                   else p.get("stderr", "")[-200:])
+            lines.append(f"- `{name}` was not measured: {p.get('status')}, {why}")
     replace_section(Path(args.docs), lines[0], "\n".join(lines) + "\n")
 
 

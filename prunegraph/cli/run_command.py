@@ -47,10 +47,9 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 
 @command("run", "run a pipeline spec and write a run folder", _configure_run)
 def run_command(args: argparse.Namespace) -> int:
+    from prunegraph.pipeline import distributed
     from prunegraph.pipeline.runfolder import RunFolder
     from prunegraph.pipeline.spec import load_spec
-
-    from prunegraph.pipeline import distributed
 
     load_plugins()
     if args.nproc < 1:

@@ -39,12 +39,10 @@ weights, no multiply). :meth:`GateSet.fold` multiplies the gates into the weight
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -27,6 +27,8 @@ from prunegraph.pipeline.contract import State  # noqa: E402
 
 #: The settings of every job; the single-process reference uses them with twice the batch.
 TRAIN = dict(steps=6, block_len=32, warmup=2, checkpoint_every=2, plots=False)
+#: No load-balance term: it squares each rank's mean routing probability, a statistic of the
+#: rank's own batch (as in any data-parallel MoE training), so it is not the one-process value.
 PRUNEPATH = dict(warmup_steps=2, lr=1e-3, router_lr=1e-2, load_balance=0.0)
 
 
