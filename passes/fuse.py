@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from prunegraph.errors import PostconditionError, PreconditionError
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.plan.gating import GateSet, installed_gates
+from prunegraph.plan.gating import GateSet, has_gates, installed_gates
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
            "fold_gates"]
@@ -216,9 +216,9 @@ def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True,
         ``{"fused": [{"module", "parts", "out_features"}], "linears_fused", "scales_folded"}``.
     """
     folded = fold_gates(gates if gates is not None else model) if fold else 0
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model has parametrizations that are not prunegraph gates; "
-                                "remove them before fusing")
+    if has_gates(model):
+        raise PreconditionError("the model has gates or parametrizations left; fold the gates "
+                                "(fold=True) and remove any other parametrization before fusing")
     report = []
     for parent_path, children in sibling_linears(model, graph):
         parent = model.get_submodule(parent_path) if parent_path else model

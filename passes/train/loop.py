@@ -31,6 +31,14 @@ paths are taken from the current directory). ``halt_after=N`` stops after ``N`` 
 with a checkpoint (raises :class:`TrainingHalted`), to split a long run into jobs.
 ``keep_checkpoint=False`` deletes the checkpoint once training completes (an objective that
 trains model weights checkpoints them with their optimizer state: about three times the model).
+
+Under ``torchrun`` (:mod:`prunegraph.pipeline.distributed`) the same loop runs on every rank
+through :mod:`prunegraph.passes.train.sharding`: the model is sharded with FSDP2, rank ``r`` of
+``N`` takes slice ``r`` of each step's ``N * batch_size`` blocks, the gradients of replicated
+trainables are averaged and the records are rank means, the checkpoint is the
+``torch.distributed.checkpoint`` folder ``checkpoint.dcp`` (:mod:`._sharded_resume`), rank 0
+alone writes ``metrics.jsonl`` and the plots, and the plain module comes back at the end.
+``activation_checkpointing`` wraps the decoder layers the same way in a single process.
 """
 
 from __future__ import annotations
@@ -164,6 +172,8 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
             if folder is not None and done % 10 == 0:
                 _write_metrics(folder, history)  # live view for long runs
             if stop:
+                if sharding is not None:  # every rank halts here: give the module back
+                    sharding.unwrap()
                 raise TrainingHalted(
                     f"Train stopped after step {done} of {steps} as asked (halt_after="
                     f"{config.halt_after}); run it again to resume from {ckpt}")

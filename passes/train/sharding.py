@@ -59,6 +59,10 @@ def needs_sharding(config) -> bool:
         raise SpecError("train: cpu_offload keeps FSDP shards in CPU memory, so it needs a "
                         "torchrun launch (prunegraph run ... --nproc N); set cpu_offload: false "
                         "in a single process")
+    if getattr(config, "cpu_offload", False) and distributed.device().type != "cuda":
+        raise SpecError("train: cpu_offload moves FSDP shards between CPU memory and the GPUs; "
+                        "these processes have no GPU (their shards are in CPU memory already): "
+                        "set cpu_offload: false")
     return distributed.active() or bool(getattr(config, "activation_checkpointing", False))
 
 

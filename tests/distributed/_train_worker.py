@@ -1,6 +1,7 @@
 """One rank of the two-process training tests (started by torchrun from test_fsdp_training.py).
 
-Each ``--job NAME:FAMILY[:STEP]`` trains a tiny model on the corpus with the run folder
+Each ``--job NAME:FAMILY[:STEP]`` (FAMILY ``ddp``, ``hard_concrete``, ``prunepath``, or
+``ddp+checkpointing``) trains a tiny model on the corpus with the run folder
 ``OUT/NAME`` (rank 0) and, on rank 0, saves what it trained to ``OUT/NAME.pt``; with ``STEP``,
 rank 1 exits hard during that step (a killed launch). Jobs run one after the other in one launch.
 """
@@ -102,6 +103,10 @@ def main() -> None:
         run_dir = Path(args.out) / name if distributed.is_main() else None
         if family == "prunepath":
             state = prunepath_run(run_dir, args.corpus, batch_size=1)
+        elif family.endswith("+checkpointing"):  # activation checkpointing under FSDP
+            family = family.split("+")[0]
+            state = gate_run(family, run_dir, args.corpus, batch_size=1,
+                             activation_checkpointing=True)
         else:
             state = gate_run(family, run_dir, args.corpus, batch_size=1)
         if distributed.is_main():

@@ -42,7 +42,8 @@ def _torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Two launches: (1) an uninterrupted DDP run, then a DDP run whose rank 1 dies in step 5
-    (after the step-4 checkpoint); (2) that run resumed, plus hard-concrete and PrunePath."""
+    (after the step-4 checkpoint); (2) that run resumed, plus hard-concrete, PrunePath and DDP
+    with activation checkpointing."""
     out = tmp_path_factory.mktemp("fsdp")
     corpus = write_corpus(out / "corpus.txt")
     common = [str(WORKER), "--out", str(out), "--corpus", corpus]
@@ -50,7 +51,7 @@ def runs(tmp_path_factory) -> Path:
     assert died.returncode != 0 and (out / "full.pt").exists() and not (out / "killed.pt").exists()
     assert (out / "killed" / "train" / "checkpoint.dcp" / "meta.pt").exists()
     _torchrun(*common, "--job", "killed:ddp", "--job", "hc:hard_concrete",
-              "--job", "pp:prunepath")
+              "--job", "pp:prunepath", "--job", "ckpt:ddp+checkpointing")
     return out
 
 
@@ -92,6 +93,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(runs):
         assert torch.equal(a, b)
     assert resumed["metrics"] == full["metrics"]
     assert len(full["metrics"].splitlines()) == 6
+
+
+def test_activation_checkpointing_under_fsdp_trains_the_same_gates(runs):
+    full, ckpt = _load(runs, "full"), _load(runs, "ckpt")
+    assert ckpt["plain"]
+    for group, value in full["gates"].items():
+        assert torch.equal(ckpt["gates"][group], value), group
 
 
 def test_run_command_with_nproc_writes_one_run_folder(tmp_path):
