@@ -1,12 +1,12 @@
 """Every causal-LM type of the installed transformers, end to end, on tiny random configs.
 
 For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (none is named here: new releases add
-types), a tiny config is derived from the config class (:func:`prunegraph.tiny_configs.tiny_config`:
+types), a tiny config is derived from the config class (:func:`prunegraph.data.tiny_configs.tiny_config`:
 2 layers, hidden 64, 4 heads / 2 kv heads, 4 experts top-2) and run through the stages a user
 meets:
 
 1. **build**: the model builds and its forward returns logits;
-2. **capture**: ``prunegraph.capture`` (torch.export);
+2. **capture**: ``prunegraph.ir.capture`` (torch.export);
 3. **analysis**: ``prunegraph.analyze`` finds groups (ops without a rule pin what they touch);
 4. **sliced == gated**: a random plan over the prunable groups, the sliced model's logits equal
    the gated model's;
@@ -109,12 +109,13 @@ def check(model_type: str, seed: int = 0, *, stages: tuple[str, ...] = STAGES) -
     import warnings
 
     import torch
-    from prunegraph.analysis import analyze
-    from prunegraph.capture import capture
-    from prunegraph.checkpoint import from_pretrained, save_pruned
-    from prunegraph.gating import apply_gates
+
+    from prunegraph.data.tiny_configs import tiny_model
+    from prunegraph.ir.analysis import analyze
+    from prunegraph.ir.capture import capture
     from prunegraph.plan import Plan
-    from prunegraph.tiny_configs import tiny_model
+    from prunegraph.plan.checkpoint import from_pretrained, save_pruned
+    from prunegraph.plan.gating import apply_gates
 
     logging.getLogger("prunegraph").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -171,7 +172,7 @@ def check(model_type: str, seed: int = 0, *, stages: tuple[str, ...] = STAGES) -
         apply_gates(gated, list(groups), plan.gate_values())
         from_gated = _logits(gated, ids)
         sliced = copy.deepcopy(model)
-        from prunegraph.slicing import apply_plan
+        from prunegraph.plan.slicing import apply_plan
 
         stats = apply_plan(sliced, plan)
         from_sliced = _logits(sliced, ids)
@@ -297,8 +298,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from prunegraph.runfolder import atomic_write_text
-    from prunegraph.tiny_configs import causal_lm_types
+    from prunegraph.data.tiny_configs import causal_lm_types
+    from prunegraph.pipeline.runfolder import atomic_write_text
 
     types = args.types.split(",") if args.types else causal_lm_types()
     start = time.perf_counter()

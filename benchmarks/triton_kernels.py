@@ -3,11 +3,12 @@
 1. Fused pruned SwiGLU MLP (the codegen-generated module) vs PyTorch eager and ``torch.compile``
    for SmolLM2-135M's MLP (H=576, I=1536) and pruned widths (I=1229, 768), at decode (T=1) and
    prefill token counts.
-2. PrunePath decode (router kernel + expert kernel) at several tau vs the dense FFN (eager and
-   the fused Triton decode kernel), E=48 experts of G=32 channels (I=1536).
+2. PrunePath decode (router and expert kernels) at several tau vs the dense FFN (eager and
+   the fused Triton decode kernel), E=48 experts of G=32 channels (I=1536). The kernel table at
+   real FFN sizes is ``benchmarks/prunepath_kernels.py``.
 
-3. A block-size sweep of the fused decode kernel and the GEMM path (``--sweep``), to pick the
-   defaults of ``choose_blocks``.
+3. A sweep of the PrunePath expert split (``--sweep``). The SwiGLU tile table is swept at LLM
+   sizes by ``benchmarks/triton_mlp.py --sweep``.
 
 Every timed kernel is first checked against the PyTorch reference (max abs error in the JSON).
 Times are medians in microseconds of CUDA-graph replays (``triton.testing.do_bench_cudagraph``):
@@ -149,8 +150,8 @@ def bench_prunepath(dtype, H, E, G, taus, logit_std, n_tokens) -> list[dict]:
 
 
 def sweep_blocks(dtype) -> list[dict]:
-    """Time the generic kernels over a grid of block sizes and warps (one-token decode and the
-    GEMM path at T=16 and T=2048), each checked against the reference first."""
+    """Time the PrunePath expert kernel over ``channels_per_program`` (checked against the
+    reference first). The SwiGLU tiles are swept by ``benchmarks/triton_mlp.py --sweep``."""
     import itertools
 
     from prunegraph.targets.triton.prunepath import (
@@ -158,39 +159,10 @@ def sweep_blocks(dtype) -> list[dict]:
         prunepath_ffn,
         prunepath_ffn_reference,
     )
-    from prunegraph.targets.triton.swiglu import SwigluBlocks, swiglu, swiglu_reference
+    from prunegraph.targets.triton.prunepath_decode import choose_decode_blocks
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(2)
-    for H, I in ((576, 1536), (576, 1229)):
-        wg = (torch.randn(I, H, device="cuda", generator=g) / H**0.5).to(dtype)
-        wu = (torch.randn(I, H, device="cuda", generator=g) / H**0.5).to(dtype)
-        wd = (torch.randn(H, I, device="cuda", generator=g) / I**0.5).to(dtype)
-        x1 = torch.randn(1, H, device="cuda", generator=g).to(dtype)
-        ref1 = swiglu_reference(x1.double(), wg.double(), wu.double(), wd.double())
-        for bi, bh, nw in itertools.product((8, 16, 32), (128, 256), (4, 8)):
-            b = SwigluBlocks(bi, bh, 16, 64, 64, 64, decode_warps=nw)
-            row = dict(kind="sweep_decode", H=H, I=I, decode_i=bi, decode_h=bh, warps=nw)
-            try:
-                row["max_err"] = _err(swiglu(x1, wg, wu, wd, blocks=b), ref1)
-                row["us"] = _bench(lambda: swiglu(x1, wg, wu, wd, blocks=b), graph=True)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:200]
-            rows.append(row)
-        for T, tiles in ((16, [(16, 64, 64, 4), (16, 32, 64, 4), (16, 64, 128, 4)]),
-                         (2048, [(64, 64, 64, 4), (128, 64, 64, 4), (128, 128, 64, 8)])):
-            x = torch.randn(T, H, device="cuda", generator=g).to(dtype)
-            ref = swiglu_reference(x.double(), wg.double(), wu.double(), wd.double())
-            for bt, bi, bh, nw in tiles:
-                b = SwigluBlocks(16, 128, bt, bt, bi, bh, tile_warps=nw)
-                row = dict(kind="sweep_gemm", H=H, I=I, T=T, tile_t=bt, tile_i=bi, tile_h=bh,
-                           warps=nw)
-                try:
-                    row["max_err"] = _err(swiglu(x, wg, wu, wd, blocks=b), ref)
-                    row["us"] = _bench(lambda: swiglu(x, wg, wu, wd, blocks=b), graph=True)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {e}"[:200]
-                rows.append(row)
     # PrunePath expert split
     H, E, G = 576, 48, 32
     wr = (torch.randn(E, H, device="cuda", generator=g) * 3 / H**0.5).to(dtype)
@@ -201,13 +173,14 @@ def sweep_blocks(dtype) -> list[dict]:
     x1 = torch.randn(1, H, device="cuda", generator=g).to(dtype)
     for tau, cpp in itertools.product((0.7, 1.05), (4, 8, 32)):
         row = dict(kind="sweep_prunepath", tau=tau, channels_per_program=cpp)
+        blocks = choose_decode_blocks(H, E * G, G, E, x1.device, gu_c=cpp)
         try:
             ref = prunepath_ffn_reference(x1.double(), wr.double(), wg.double(), wu.double(),
                                           wd.double(), tau, G)
             row["max_err"] = _err(prunepath_ffn(x1, wr, wg, wu, wd, tau, G,
-                                                channels_per_program=cpp), ref)
+                                                decode_blocks=blocks), ref)
             row["us"] = _bench(lambda: prunepath_ffn(x1, wr, wg, wu, wd, tau, G,
-                                                     channels_per_program=cpp), graph=True)
+                                                     decode_blocks=blocks), graph=True)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:200]
         rows.append(row)

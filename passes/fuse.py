@@ -35,7 +35,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunegraph.errors import PostconditionError, PreconditionError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.plan.gating import GateSet, has_gates, installed_gates
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
            "fold_gates"]
@@ -126,18 +127,18 @@ class FusedPart(nn.Module):
 
 def _plain_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward \
-        and not parametrize.is_parametrized(module)
+        and not parametrize.is_parametrized(module) and not module._forward_pre_hooks
 
 
 def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list[str]]]:
     """Sets of sibling linears: ``[(parent path, [child names in call order]), ...]``.
 
-    Reads the captured graph (``prunegraph.capture.capture(model)`` unless ``graph`` is given):
+    Reads the captured graph (``prunegraph.ir.capture.capture(model)`` unless ``graph`` is given):
     plain ``nn.Linear`` modules of one parent whose ``aten.linear`` nodes take the same input node.
     Linears with tied weights, called more than once, or of different dtypes are left alone.
     """
     if graph is None:
-        from prunegraph.capture import capture
+        from prunegraph.ir.capture import capture
 
         graph = capture(model)
     modules = dict(model.named_modules())
@@ -172,13 +173,14 @@ def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list
 # ------------------------------------------------------------------------------- folding
 
 
-def fold_gates(model: nn.Module) -> int:
-    """Multiply gates still installed on ``model`` into their weights; returns how many weights.
+def fold_gates(model_or_gates: nn.Module | GateSet) -> int:
+    """Multiply gates into their weights (a :class:`GateSet`, or the gates installed on a model);
+    returns how many weights.
 
     Raises:
         PreconditionError: an experts gate is exactly 0 (its router mask cannot be folded).
     """
-    gates = getattr(model, "_prunegraph_gates", None)
+    gates = model_or_gates if isinstance(model_or_gates, GateSet) else installed_gates(model_or_gates)
     if gates is None:
         return 0
     for name, group in gates.groups.items():
@@ -186,15 +188,7 @@ def fold_gates(model: nn.Module) -> int:
             raise PreconditionError(
                 f"group {name!r} has experts gated to exactly 0, which mask the router and cannot "
                 "be folded into weights; slice the model first (Slice pass / apply_plan)")
-    count = 0
-    with torch.no_grad():
-        for module, attr in list(gates._folded):
-            if parametrize.is_parametrized(module, attr):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                count += 1
-    gates._folded.clear()
-    gates.remove()  # the router hooks; weights are plain tensors again
-    return count
+    return gates.fold()  # weights are plain tensors again, the router hooks gone
 
 
 # -------------------------------------------------------------------------------- fusing
@@ -208,21 +202,23 @@ def _fused_name(parent: nn.Module, children: list[str]) -> str:
     return name
 
 
-def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True) -> dict[str, Any]:
+def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True,
+         gates: GateSet | None = None) -> dict[str, Any]:
     """Fuse sibling linears of ``model`` in place (see the module docstring).
 
     Args:
         graph: a captured graph of ``model`` (or of its unsliced base: only the structure is read);
             captured when omitted.
         fold: fold gates still installed on the model into their weights first.
+        gates: those gates, when the caller holds them (the pipeline's ``state.gates``).
 
     Returns:
         ``{"fused": [{"module", "parts", "out_features"}], "linears_fused", "scales_folded"}``.
     """
-    folded = fold_gates(model) if fold else 0
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model has parametrizations that are not prunegraph gates; "
-                                "remove them before fusing")
+    folded = fold_gates(gates if gates is not None else model) if fold else 0
+    if has_gates(model):
+        raise PreconditionError("the model has gates or parametrizations left; fold the gates "
+                                "(fold=True) and remove any other parametrization before fusing")
     report = []
     for parent_path, children in sibling_linears(model, graph):
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -289,6 +285,11 @@ class Fuse(Pass):
     name = "Fuse"
     requires = ("model",)
     provides = ("model",)
+    invalidates = {
+        "plan": "fused modules replace the parameters the plan names (Save before Fuse)",
+        "graph": "fusion changed the model's modules", "analysis": "fusion changed the model's modules",
+        "groups": "fusion changed the model's modules", "gates": "fusion folded the gates in",
+    }
 
     check: bool = True
     recapture: bool = False
@@ -297,7 +298,7 @@ class Fuse(Pass):
         model = state.model
         before = _probe_logits(model) if self.check else None
         graph = None if self.recapture else state.get("graph")
-        report = fuse(model, graph)
+        report = fuse(model, graph, gates=state.get("gates"))
         if state.has("gates"):
             del state.gates
         if before is not None:

@@ -5,7 +5,7 @@ its ``gate_proj`` and ``up_proj`` rows and its ``down_proj`` column; a query hea
 ``q_proj`` rows, its ``o_proj`` columns and its share of the ``k_proj``/``v_proj`` rows.
 
 Every criterion first gives a per-weight score tensor ``e`` of the member's shape, then reduces it
-to units with :func:`unit_sums` (the unit's slice, see :class:`prunegraph.groups.Member`):
+to units with :func:`unit_sums` (the unit's slice, see :class:`prunegraph.ir.groups.Member`):
 
 * ``magnitude``: ``e = W**2``; the unit score is the group L2 norm ``sqrt(sum_members sum_slice e)``.
 * ``wanda``: ``e = |W_ij| * ||X_j||_2`` (Sun et al. 2023), ``X_j`` the ``j``-th input feature of the
@@ -38,10 +38,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from prunegraph.errors import PreconditionError, SpecError
-from prunegraph.groups import Group, Member
+from prunegraph.errors import PreconditionError, SpecError, nearest
+from prunegraph.ir.groups import Group, Member
 
-__all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params"]
+__all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params",
+           "sum_member_scores"]
 
 CRITERIA = ("magnitude", "wanda", "taylor")
 
@@ -60,10 +61,7 @@ class Scores(dict):
 def check_criterion(criterion: str) -> None:
     """Raise :class:`SpecError` naming the valid criteria when ``criterion`` is unknown."""
     if criterion not in CRITERIA:
-        import difflib
-
-        close = difflib.get_close_matches(str(criterion), CRITERIA, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = nearest(str(criterion), CRITERIA)
         raise SpecError(
             f"unknown importance criterion '{criterion}'; choose one of {', '.join(CRITERIA)}.{hint}"
         )
@@ -96,9 +94,7 @@ def unit_sums(member: Member, size: int, elem: torch.Tensor) -> torch.Tensor:
         v = v[None]
     elif member.expert_dim > member.dim:
         v = v.transpose(0, 1)
-    blocks = size // member.div
-    idx = (member.offset + torch.arange(blocks)[:, None] * member.step
-           + torch.arange(member.inner)[None, :]).to(v.device)
+    idx = member.block_positions(size).to(v.device)
     per_block = v[:, idx].sum(-1)
     per_unit = per_block[:, torch.arange(size, device=v.device) // member.div] / member.div
     return per_unit if member.expert_dim is not None else per_unit[0]
@@ -111,7 +107,7 @@ def score_groups(model: nn.Module, groups: Iterable[Group], criterion: str = "wa
 
     Args:
         model: the user's module (left unchanged: no hook, gradient or ``requires_grad`` survives).
-        groups: groups of this model (``prunegraph.analysis.analyze(model).groups``).
+        groups: groups of this model (``prunegraph.ir.analysis.analyze(model).groups``).
         criterion: ``magnitude``, ``wanda`` or ``taylor`` (see the module docstring).
         blocks: ``LongTensor[n, block_len]`` of calibration token ids; needed by wanda and taylor.
         batch_size: blocks per forward.
@@ -126,7 +122,7 @@ def score_groups(model: nn.Module, groups: Iterable[Group], criterion: str = "wa
     if criterion != "magnitude" and (blocks is None or blocks.numel() == 0):
         raise PreconditionError(
             f"criterion '{criterion}' needs calibration token blocks; pass blocks="
-            "prunegraph.text.token_blocks(tokenizer, docs, block_len, n_blocks), or use "
+            "prunegraph.data.text.token_blocks(tokenizer, docs, block_len, n_blocks), or use "
             "criterion='magnitude', which needs none."
         )
     if batch_size < 1:
@@ -173,11 +169,20 @@ def _wanda_elements(groups: list[Group], params: Mapping[str, nn.Parameter],
 def _reduce(groups: list[Group], elem, sqrt: bool, stats: dict) -> Scores:
     """Sum the per-weight scores over every member's unit slices; ``sqrt`` for the L2 norm."""
     get = elem if callable(elem) else (lambda g, name: elem[name])
+    contrib = {(g.name, j): unit_sums(m, g.size, get(g, m.param)).float().cpu()
+               for g in groups for j, m in enumerate(g.members)}
+    return sum_member_scores(groups, contrib, sqrt, stats)
+
+
+def sum_member_scores(groups: list[Group], contrib: Mapping[tuple[str, int], torch.Tensor],
+                      sqrt: bool, stats: dict) -> Scores:
+    """Each group's score: its members' unit sums ``contrib[(group, member index)]`` added in
+    member order (the in-memory and the sequential path share it, so they agree exactly)."""
     out = Scores(stats=stats)
     for g in groups:
         total = torch.zeros(g.size)
-        for m in g.members:
-            s = unit_sums(m, g.size, get(g, m.param)).float().cpu()
+        for j in range(len(g.members)):
+            s = contrib[(g.name, j)]
             total = total + s if total.dim() >= s.dim() else s + total
         out[g.name] = total.sqrt() if sqrt else total
     return out

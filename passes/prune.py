@@ -1,11 +1,21 @@
 """The ``Prune`` pass: one-shot structured pruning by an importance criterion, to a budget.
 
-No training: score every unit of every prunable group on calibration text
-(:mod:`prunegraph.passes.importance`), allocate the parameter budget
-(:mod:`prunegraph.passes.allocate`) and hand the kept units to :meth:`Plan.from_keep`. These are
-the baselines every trained method is compared against::
+No training: score every unit of every prunable group on calibration text (the calibration
+split, :func:`prunegraph.data.blocks.text_blocks`) with :mod:`prunegraph.passes.importance`,
+allocate the parameter budget (:mod:`prunegraph.passes.allocate`) and hand the kept units to
+:meth:`Plan.from_keep`. These are the baselines every trained method is compared against::
 
     Pipeline([Load("smollm2-135m"), Analyze(), Prune(criterion="wanda", sparsity=0.2), Slice()])
+
+A model larger than memory is scored layer by layer (``sequential: true``, see
+:mod:`prunegraph.passes._sequential`): load it on ``meta`` (no weights read; analysis runs
+there), and each decoder layer's weights are read from its safetensors folder (``weights``,
+default the folder it was loaded from) while its calibration activations pass through; the
+others wait in CPU memory or on disk (``offload``). The scores, and so the plan, are the
+in-memory ones::
+
+    Pipeline([Load("/models/qwen3-32b", device="meta"), Analyze(),
+              Prune(criterion="wanda", sparsity=0.2, sequential=True)])
 
 The budget is checked before anything is loaded or run: a sparsity outside (0, 1) or above what
 the constraints allow raises :class:`~prunegraph.errors.BudgetError` with the achievable maximum.
@@ -17,19 +27,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
-from prunegraph.passes.allocate import check_sparsity, allocate, check_budget
+from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
 from prunegraph.passes.importance import score_groups
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
-__all__ = ["Prune", "calibration_blocks"]
-
-
-def calibration_blocks(tokenizer, source: str, block_len: int, n_blocks: int):
-    """``n_blocks`` token blocks from the *calibration* split of ``source`` (never evaluation)."""
-    from prunegraph.text import load_documents, split_documents, token_blocks
-
-    calibration, _ = split_documents(load_documents(source))
-    return token_blocks(tokenizer, calibration, block_len, n_blocks)
+__all__ = ["Prune"]
 
 
 @register_pass
@@ -53,6 +55,9 @@ class Prune(Pass):
     source: str = "wikipedia"
     batch_size: int = 4
     normalize: Literal["auto", "kind", "group"] = "auto"
+    sequential: bool = False
+    weights: str | None = None
+    offload: Literal["cpu", "disk"] = "cpu"
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
@@ -61,8 +66,20 @@ class Prune(Pass):
             if getattr(self, key) < low:
                 raise SpecError(f"pass Prune: {key} must be >= {low}, got {getattr(self, key)}")
 
+    def _weights(self, model) -> str:
+        """The safetensors folder the sequential path reads (``weights``, else the folder the
+        model was loaded from)."""
+        from pathlib import Path
+
+        folder = self.weights or getattr(getattr(model, "config", None), "_name_or_path", "")
+        if not folder or not any(Path(folder).glob("*.safetensors")):
+            raise SpecError(f"Prune(sequential=True) reads the weights layer by layer from a "
+                            f"folder of safetensors shards, and {folder or 'the model'!r} is "
+                            f"none; set Prune.weights to the model's Hugging Face folder")
+        return str(folder)
+
     def run(self, state: State) -> PassResult:
-        from prunegraph.plan import Plan
+        from prunegraph.plan.plan import Plan
 
         model, groups = state.model, list(state.groups)
         check_budget(groups, self.sparsity, model, self.scope, self.strategy, self.round_to)
@@ -74,10 +91,19 @@ class Prune(Pass):
                     "the state's tokenizer is None; load a model with a tokenizer or use "
                     "criterion='magnitude'"
                 )
-            blocks = calibration_blocks(state.tokenizer, self.source, self.block_len,
-                                        self.calib_blocks)
-        scores = score_groups(model, groups, self.criterion, blocks=blocks,
-                              batch_size=self.batch_size, progress=bool(state.progress))
+            from prunegraph.data.blocks import text_blocks
+
+            blocks = text_blocks(state.tokenizer, self.source, "calibration", self.block_len,
+                                 self.calib_blocks)
+        if self.sequential:
+            from prunegraph.passes._sequential import score_sequential
+
+            scores = score_sequential(model, groups, self.criterion, blocks,
+                                      self._weights(model), batch_size=self.batch_size,
+                                      offload=self.offload, progress=bool(state.progress))
+        else:
+            scores = score_groups(model, groups, self.criterion, blocks=blocks,
+                                  batch_size=self.batch_size, progress=bool(state.progress))
         keep = allocate(groups, scores, self.sparsity, model=model, scope=self.scope,
                         strategy=self.strategy, round_to=self.round_to,
                         normalize=self.normalize)

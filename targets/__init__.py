@@ -1,6 +1,12 @@
 """Lowerings of pruned models: Hugging Face checkpoints, ONNX and Triton. Importing this package
-registers its passes and CLI commands."""
+registers each target, which gives it a pass and a ``prunegraph export`` subcommand
+(:mod:`prunegraph.pipeline.targets`)::
 
-from prunegraph.targets import export_cli  # noqa: F401,E402  (registers `prunegraph export`)
-from prunegraph.targets import onnx  # noqa: F401,E402  (registers ExportONNX, `export onnx`)
-from prunegraph.targets.triton import export  # noqa: F401,E402  (registers `export triton`)
+    from prunegraph.targets import ExportONNX, ExportTriton, Save
+"""
+
+from prunegraph.targets.hf import Save
+from prunegraph.targets.onnx import ExportONNX
+from prunegraph.targets.triton.export import ExportTriton
+
+__all__ = ["ExportONNX", "ExportTriton", "Save"]

@@ -15,7 +15,9 @@ its optimisations on the two float32 results differ by 1.2e-2 to 1.4e-2; ``rtol 
 Tiny random models agree to ~1e-6 (the tests hold them to 1e-4).
 
 The graph has inputs ``input_ids`` and ``attention_mask`` (int64, ``[batch, seq]``) and output
-``logits`` (``[batch, seq, vocab]``). A decode graph with past key/values is not exported.
+``logits`` (``[batch, seq, vocab]``). A decode graph with past key/values is not exported. The
+trace is the core's (:func:`prunegraph.ir.capture.export_program`, as ``capture`` traces) with the
+ONNX target's own dynamic axes.
 
 Everything is written into a temporary folder next to the target and moved into place only after
 the checks pass, so a failed export leaves nothing. An export that fails names the op and the
@@ -28,25 +30,23 @@ a batched matmul, which ONNX has); HF's default grouped-GEMM custom op has no ON
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunegraph.capture import traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
-from prunegraph.runfolder import run_path
-from prunegraph.targets.export_cli import export_target
+from prunegraph.ir.capture import export_program, traceable_experts
+from prunegraph.pipeline.contract import State
+from prunegraph.pipeline.targets import check_file_output, load_source, target
 
-__all__ = ["ExportONNX", "OnnxExportError", "export_onnx", "load_run_or_model", "run_onnx"]
+__all__ = ["ExportONNX", "OnnxExportError", "export_onnx", "load_run_or_model", "onnx_target",
+           "run_onnx"]
 
 _WRAP = "model"  # attribute of the wrapper holding the user's model (stripped from layer paths)
 
@@ -171,21 +171,16 @@ def _first_line(error: BaseException) -> str:
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
-    if path.suffix != ".onnx":
-        raise SpecError(f"the output {path} must end in .onnx, e.g. {path.with_suffix('.onnx')}")
-    if not path.parent.is_dir():
-        raise SpecError(f"the folder {path.parent} does not exist; create it first")
-    if path.exists() and not overwrite:
-        raise SpecError(f"{path} already exists; choose another name or pass --overwrite")
+    check_file_output(path, overwrite, ".onnx")
 
 
 def _check_model(model: nn.Module) -> None:
-    from torch.nn.utils import parametrize
+    from prunegraph.plan.gating import has_gates
 
     if not isinstance(model, nn.Module):
         raise PreconditionError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model still has gates (parametrizations); slice it (Slice "
+    if has_gates(model):
+        raise PreconditionError("the model still has gates; slice it (Slice "
                                 "pass / apply_plan) or fold them (Fuse pass) before exporting")
     if not getattr(getattr(model, "config", None), "vocab_size", None):
         raise PreconditionError(f"{type(model).__name__} has no config.vocab_size; the ONNX target "
@@ -212,8 +207,8 @@ def _trace(wrapper: _Logits, inputs: dict[str, torch.Tensor]) -> torch.export.Ex
     shapes = {k: {0: batch, 1: seq} for k in inputs}
     where = _Where(wrapper.model)
     try:
-        with torch.no_grad(), where.mode:
-            return torch.export.export(wrapper, (), inputs, dynamic_shapes=shapes, strict=False)
+        with where.mode:
+            return export_program(wrapper, inputs, shapes, model=wrapper.model)
     except Exception as e:
         raise OnnxExportError(
             f"torch.export could not trace {type(wrapper.model).__name__} for ONNX: "
@@ -342,66 +337,33 @@ def _compare(model: nn.Module, path: Path, shape: tuple[int, int], atol: float,
 
 def load_run_or_model(spec: str):
     """``(model, tokenizer)`` from a run folder (its ``model/``), a model folder or a load_model spec."""
-    from prunegraph.models import load_model
-    from prunegraph.runfolder import RunFolder
-
-    path = Path(spec)
-    if path.is_dir() and RunFolder.is_run_folder(path):
-        if not (path / "model").is_dir():
-            raise PrunegraphError(f"the run folder {path} has no model/ folder; add a Save pass "
-                                  "to the pipeline (or pass a model folder)")
-        return load_model(str(path / "model"))
-    return load_model(spec)
+    state = load_source(spec)
+    return state.model, state.tokenizer
 
 
-# ------------------------------------------------------------------------------- pass, CLI
+# ---------------------------------------------------------------------------------- target
 
 
-@register_pass
-@dataclass(frozen=True)
-class ExportONNX(Pass):
-    """Export ``state.model`` to ``path`` (relative to the run folder) as an ONNX logits graph with
-    dynamic batch and sequence axes, checked against onnxruntime."""
-
-    name = "ExportONNX"
-    requires = ("model",)
-    provides = ("onnx_path",)
-
-    path: str = "model.onnx"
-    check: bool = True
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    optimize: bool = True
-
-    def validate(self) -> None:
-        if not self.path.endswith(".onnx"):
-            raise SpecError(f"ExportONNX.path must end in .onnx, got {self.path!r}")
-        if self.atol < 0 or self.rtol < 0:
-            raise SpecError("ExportONNX.atol and rtol must be >= 0")
-
-    def run(self, state: State) -> PassResult:
-        target = run_path(state.run_dir, self.path, "ExportONNX.path")
-        report = export_onnx(state.model, target, check=self.check, atol=self.atol,
-                             rtol=self.rtol, optimize=self.optimize, overwrite=True)
-        state.onnx_path = str(target)
-        state.metrics["onnx"] = report
-        state.log.info("exported %s (max |ort - torch| = %s)", target, report.get("max_abs_diff"))
-        return PassResult(state, modified=False, stats=report)
+def _validate(params: dict[str, Any]) -> None:
+    if params["atol"] < 0 or params["rtol"] < 0:
+        raise SpecError("atol and rtol must be >= 0")
 
 
-def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=1e-3,
-                   help="tolerance relative to max |logit| (default 1e-3)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the onnxruntime comparison (the onnx checker still runs)")
+@target("onnx", pass_name="ExportONNX", provides="onnx_path", output="model.onnx",
+        suffix=".onnx", validate=_validate)
+def onnx_target(state: State, out: Path, *, overwrite: bool, check: bool = True,
+                atol: float = 1e-4, rtol: float = 1e-3, optimize: bool = True) -> dict[str, Any]:
+    """An ONNX logits graph with dynamic batch and sequence axes, checked in onnxruntime.
+
+    Args:
+        check: run the file in onnxruntime on inputs of another shape and compare its logits
+            with PyTorch's (the onnx checker runs either way).
+        atol: absolute tolerance of that comparison.
+        rtol: tolerance relative to max |logit|.
+        optimize: let the exporter run onnxscript's graph optimizer (constant folding ...).
+    """
+    return export_onnx(state.model, out, check=check, atol=atol, rtol=rtol, optimize=optimize,
+                       overwrite=overwrite)
 
 
-@export_target("onnx", "an ONNX logits graph (dynamic batch/seq), checked in onnxruntime",
-               _configure)
-def _export(args: argparse.Namespace) -> dict[str, Any]:
-    """Check the output path first, then load, export, validate, compare."""
-    _check_target(Path(args.out), args.overwrite)
-    model, _ = load_run_or_model(args.model)
-    return export_onnx(model, args.out, check=not args.no_check, atol=args.atol,
-                       rtol=args.rtol, overwrite=args.overwrite)
+ExportONNX = onnx_target.pass_class

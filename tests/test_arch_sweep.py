@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from arch_sweep import STAGES, check, markdown, summarise  # noqa: E402
 
-from prunegraph.tiny_configs import causal_lm_types, tiny_config  # noqa: E402
+from prunegraph.data.tiny_configs import causal_lm_types, tiny_config  # noqa: E402
 
 SUBSET = ["lfm2", "bart", "codegen", "afmoe"]
 

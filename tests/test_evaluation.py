@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
+from prunegraph.data.models import load_model
+from prunegraph.data.tasks import BUILTIN_TASKS, load_task, task_from_json
+from prunegraph.data.text import Document, token_blocks
 from prunegraph.errors import PrunegraphError
-from prunegraph.models import load_model
-from prunegraph.passes.evaluation import multiple_choice, perplexity, select_examples
-from prunegraph.tasks import BUILTIN_TASKS, load_task, task_from_json
-from prunegraph.text import Document, token_blocks
+from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity, select_examples
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _tiny_tokenizer import make_tokenizer  # noqa: E402
@@ -52,14 +52,20 @@ def _hand_loglik(model, tok, prompt: str, option: str) -> float:
 
 
 def _hand_scores(model, tok, examples):
+    """(acc, acc_norm); the options are ASCII, so acc_bytes == acc_norm."""
     acc = acc_norm = 0
     for ex in examples:
         opts = list(ex["target_scores"])
         ll = [_hand_loglik(model, tok, ex["input"], o) for o in opts]
-        norm = [v / len(o.encode()) for v, o in zip(ll, opts)]
+        norm = [v / len(o) for v, o in zip(ll, opts)]
         acc += ex["target_scores"][opts[ll.index(max(ll))]] == 1
         acc_norm += ex["target_scores"][opts[norm.index(max(norm))]] == 1
     return acc / len(examples), acc_norm / len(examples)
+
+
+def _expect(acc, acc_norm, n):
+    return {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm),
+            "acc_bytes": pytest.approx(acc_norm), "n": n}
 
 
 # --- perplexity ------------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def test_multiple_choice_matches_hand_computation(model, tok):
     acc, acc_norm = _hand_scores(model, tok, SYNTHETIC["examples"])
     for bs in (1, 2, 8):  # batching and right padding must not change the scores
         r = multiple_choice(model, tok, task, batch_size=bs, progress=False)
-        assert r == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3}
+        assert r == _expect(acc, acc_norm, 3)
 
 
 def test_limit_takes_a_seeded_subset(model, tok):
@@ -108,7 +114,7 @@ def test_limit_takes_a_seeded_subset(model, tok):
     assert select_examples(3, None) == select_examples(3, 10) == [0, 1, 2]
     acc, acc_norm = _hand_scores(model, tok, [SYNTHETIC["examples"][i] for i in picked])
     r = multiple_choice(model, tok, task, limit=2, seed=5, progress=False)
-    assert r == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 2}
+    assert r == _expect(acc, acc_norm, 2)
     with pytest.raises(PrunegraphError, match="limit"):
         multiple_choice(model, tok, task, limit=0, progress=False)
     by_name = multiple_choice(model, tok, "cause_and_effect_one_sentence", limit=2, progress=False)
@@ -139,12 +145,12 @@ def test_multiple_choice_on_a_rigged_model(tok):
         {"input": "e", "target_scores": {"yx": 1, "xxxxxx": 0}},  # both wrong
     ]}, "rigged")
     r = multiple_choice(AlwaysX(), tok, task, batch_size=3, progress=False)
-    assert r == {"acc": pytest.approx(3 / 5), "acc_norm": pytest.approx(3 / 5), "n": 5}
+    assert r == _expect(3 / 5, 3 / 5, 5)
     r = multiple_choice(AlwaysX(), tok, task, limit=3, seed=0, progress=False)
     picked = select_examples(5, 3, seed=0)
     acc = sum(i in (0, 1, 3) for i in picked) / 3
     acc_norm = sum(i in (0, 1, 2) for i in picked) / 3
-    assert r == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3}
+    assert r == _expect(acc, acc_norm, 3)
 
 
 def test_builtin_tasks_load_in_bigbench_format():
@@ -180,7 +186,7 @@ def test_bad_tasks_fail_clearly(tmp_path):
 
 def _args(**over):
     import prunegraph.passes  # noqa: F401  (registers the command)
-    from prunegraph.cli import _COMMANDS
+    from prunegraph.cli.main import _COMMANDS
 
     _, configure, fn = _COMMANDS["eval"]
     parser = argparse.ArgumentParser()
@@ -196,15 +202,20 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, model, tok):
     text.write_text("\n\n".join(f"Paragraph {i} is about topic {i * 7}." for i in range(8)))
     task_path = tmp_path / "synthetic.json"
     task_path.write_text(json.dumps(SYNTHETIC))
-    monkeypatch.setattr("prunegraph.models.load_model", lambda spec: (model, tok))
+    monkeypatch.setattr("prunegraph.data.models.load_model", lambda spec: (model, tok))
     out = tmp_path / "results.json"
     fn, args = _args(text=text, ppl_blocks=2, seq_len=8, tasks=str(task_path), json=out)
     assert fn(args) == 0
     res = json.loads(out.read_text())
-    from prunegraph.text import load_documents, split_documents
+    from prunegraph.data.text import load_documents, split_documents
 
     blocks = token_blocks(tok, split_documents(load_documents(str(text)))[1], 8, n_blocks=2)
-    assert res["perplexity"]["value"] == pytest.approx(perplexity(model, blocks, progress=False))
+    assert res["perplexity"]["text"]["value"] == pytest.approx(perplexity(model, blocks,
+                                                                         progress=False))
+    assert res["perplexity"]["text"]["domain"] == "in-domain"
+    assert res["ppl_text"] == res["perplexity"]["text"]["value"]
+    assert res["perplexity"]["austen"]["domain"] == "out-of-domain"
+    assert "generation" not in res  # a measurement was named: only what is named runs
     acc, acc_norm = _hand_scores(model, tok, SYNTHETIC["examples"])
     assert res["tasks"]["synthetic"]["acc"] == pytest.approx(acc)
     assert res["tasks"]["synthetic"]["acc_norm"] == pytest.approx(acc_norm)
@@ -217,12 +228,17 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, model, tok):
     (dict(text="nosuchsource"), "unknown text source"),
     (dict(ppl_blocks=0), "nothing to evaluate"),
     (dict(limit=0), "--limit"),
+    (dict(limit="some"), "--limit"),
+    (dict(gen_prompts=40), "only 32 prompts"),
+    (dict(gen_tokens=0), "--gen-tokens"),
+    (dict(ppl_blocks=0, reference="smollm2-135m"), "generation checks are off"),
+    (dict(ood_text="wikipedia"), "repeat"),
 ])
 def test_eval_command_checks_arguments_before_loading(monkeypatch, over, match):
     def no_load(spec):
         raise AssertionError("model loaded before the arguments were checked")
 
-    monkeypatch.setattr("prunegraph.models.load_model", no_load)
+    monkeypatch.setattr("prunegraph.data.models.load_model", no_load)
     fn, args = _args(**over)
     with pytest.raises(PrunegraphError, match=match):
         fn(args)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prunegraph.pipeline  # noqa: F401  (registers Load)
+import prunegraph.pipeline.pipeline  # noqa: F401  (registers Load)
 from prunegraph.errors import (
     BudgetError,
     PassError,
@@ -18,7 +18,7 @@ from prunegraph.errors import (
     PreconditionError,
     SpecError,
 )
-from prunegraph.pass_infra import (
+from prunegraph.pipeline.contract import (
     Pass,
     PassResult,
     State,

@@ -1,4 +1,4 @@
-"""Text sources, the by-document split and token blocks (prunegraph.text)."""
+"""Text sources, the by-document split and token blocks (prunegraph.data.text)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prunegraph.data.text import (
+    Document,
+    load_documents,
+    split_documents,
+    token_blocks,
+    tokenizer_adds_bos,
+)
 from prunegraph.errors import PrunegraphError
-from prunegraph.text import (Document, load_documents, split_documents, token_blocks,
-                             tokenizer_adds_bos)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _tiny_tokenizer import make_tokenizer  # noqa: E402
@@ -181,3 +186,39 @@ def test_too_little_text(tok):
         token_blocks(tok, DOCS, block_len=16, n_blocks=n + 1)
     with pytest.raises(PrunegraphError, match="no documents"):
         token_blocks(tok, [], block_len=16)
+
+
+def test_builtin_austen_is_whole_chapters_of_two_novels():
+    docs = load_documents("austen")
+    assert len(docs) == 55 and len({d.title for d in docs}) == 55
+    assert [d.title for d in docs[:2]] == ["Persuasion, Chapter 1", "Persuasion, Chapter 2"]
+    assert docs[24].title == "Northanger Abbey, Chapter 1" and docs[-1].title.endswith("31")
+    assert docs[0].text.startswith("Sir Walter Elliot, of Kellynch Hall")
+    words = sum(len(d.text.split()) for d in docs)
+    assert 150_000 < words < 170_000
+    text = "\n".join(d.text for d in docs)
+    # paragraphs are single lines; no front matter, closing word or editor's note
+    paragraphs = [p for d in docs for p in d.text.split("\n\n")]
+    assert all(p and p == p.strip() and "\n" not in p and "  " not in p for p in paragraphs)
+    for absent in ("NOTE ON THE TEXT", "Signet", "ADVERTISEMENT BY THE AUTHORESS", "Finis"):
+        assert absent not in text
+    # whole chapters: the evaluation split never shares one with the calibration split
+    calib, held = split_documents(docs)
+    assert len(held) == 14 and not {d.title for d in calib} & {d.title for d in held}
+
+
+def test_source_keys_name_metrics():
+    from prunegraph.data.text import BUILTIN_SOURCES, SOURCE_DESCRIPTIONS, source_key
+
+    assert set(SOURCE_DESCRIPTIONS) == set(BUILTIN_SOURCES) == {"wikipedia", "austen"}
+    assert source_key("wikipedia") == "wikipedia" and source_key("austen") == "austen"
+    assert source_key("/data/My-Notes.v2.jsonl.xz") == "my_notes"
+    assert source_key("corpus/") == "corpus"
+    assert source_key("hf:wikitext:wikitext-2-raw-v1:test") == "wikitext_wikitext_2_raw_v1"
+    assert source_key("hf:allenai/c4:en") == "c4_en"
+    assert source_key("...") == "text"
+
+
+def test_unknown_source_suggests_builtin_names():
+    with pytest.raises(PrunegraphError, match="Did you mean 'austen'"):
+        load_documents("austin")

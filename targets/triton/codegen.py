@@ -1,13 +1,20 @@
 """Generate a standalone Python module of Triton SwiGLU kernels specialised per MLP shape.
 
-A pruned model has per-layer MLP widths (``I = 1229`` here, ``577`` there). The generated module
-holds, for each distinct ``(H, I, dtype)``, three kernels whose shapes and block sizes are literal
-constants (``tl.constexpr`` at compile time): ``decode_<shape>`` (fused, one token),
-``gate_up_<shape>`` and ``down_<shape>`` (GEMM path), named after the shape so they are easy to
-find in a profiler trace. Each listed layer gets a ``run_<layer>(x, wg, wu, wd)`` launcher and an
-entry in the module's ``LAYERS`` table. The kernel bodies are copied from
-:mod:`prunegraph.targets.triton.swiglu`, so the module imports only ``os``, ``torch`` and
-``triton`` and can be shipped and imported on its own (:func:`load_module`).
+A pruned model has per-layer MLP widths (``I = 11465`` here, ``11520`` there). The generated module
+holds, for each distinct ``(H, I, dtype)``, a *plan*: per token bucket
+(:data:`~prunegraph.targets.triton.swiglu.TOKEN_BUCKETS`) the path it takes (``"triton"`` with
+that bucket's tile config, or ``"torch"``: PyTorch eager, i.e. cuBLAS on a GPU) and why (the
+times measured at export on the target GPU, see :mod:`prunegraph.targets.triton.choose`, or the
+deterministic default when nothing was timed). Each listed layer gets a ``run_<layer>(x, wg,
+wu, wd)`` launcher and an entry in the module's ``LAYERS`` table; ``PLANS`` maps each shape to
+its plan.
+
+Kernels are shared: one set per ``(H, dtype)`` (``gemv_gate_up_h4096`` ... named after the
+hidden width so they are easy to find in a profiler trace), with ``H`` a compile-time constant and
+the intermediate width a run-time argument, so the 32 different widths of a non-uniformly pruned
+model compile a handful of kernels instead of a hundred. The kernel bodies and the launch code are
+copied from :mod:`prunegraph.targets.triton.swiglu`, so the module imports only ``os``, ``torch``
+and ``triton`` and can be shipped and imported on its own (:func:`load_module`).
 """
 
 from __future__ import annotations
@@ -18,21 +25,16 @@ import keyword
 import os
 import re
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from prunegraph.targets.triton.swiglu import (
-    SwigluBlocks,
-    choose_blocks,
-    swiglu_decode_tile,
-    swiglu_down_tile,
-    swiglu_gate_up_tile,
-)
+from prunegraph.atomic import atomic_write_text
+from prunegraph.targets.triton.choose import PathChoice, default_plan
+from prunegraph.targets.triton.swiglu import KERNEL_BODIES, TOKEN_BUCKETS, launch_swiglu
 
 __all__ = ["MLPShape", "layer_identifier", "generate_source", "write_module", "load_module"]
 
@@ -93,13 +95,16 @@ _HEADER = '''\
 {n_layers} layer(s), {n_shapes} distinct shape(s). y = down(silu(x @ Wg^T) * (x @ Wu^T)) with
 nn.Linear weight layouts (Wg, Wu: [I, H]; Wd: [H, I]); fp32 accumulation. Call
 run_<layer>(x, wg, wu, wd) with x [..., H]; LAYERS maps each module path to its launcher.
-One token runs the fused decode kernel; more tokens run gate/up then down GEMM kernels.
+Each shape has a plan (PLANS): per token bucket, "triton" (one token: two GEMV kernels; more:
+gate/up then down GEMM kernels, with the tile config given) or "torch" (PyTorch eager), and why.
+Paths: {chosen}.
 Standalone: imports only os, torch and triton. Do not edit; regenerate instead.
 """
 
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -123,68 +128,91 @@ def _unit_inner(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _torch_swiglu(x, wg, wu, wd):
+    """The "torch" path: PyTorch eager (cuBLAS on a GPU)."""
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def _dispatch(plan, kernels, H, I, x, wg, wu, wd):
+    """Run the plan entry of x's token count: (max tokens, path, tile config, why)."""
+    x2 = x.reshape(-1, H)
+    T = x2.shape[0]
+    for most, path, cfg, _why in plan:
+        if most is None or T <= most:
+            break
+    if path == "torch":
+        return _torch_swiglu(x, wg, wu, wd)
+    y = launch_swiglu(kernels, H, I, cfg, _unit_inner(x2), _unit_inner(wg), _unit_inner(wu),
+                      _unit_inner(wd), _INTERPRET)
+    return y.reshape(*x.shape[:-1], H)
+
+
 # ------------------------------------------------------------------------------------------
-# Kernel bodies shared by every shape (copied from prunegraph.targets.triton.swiglu).
+# Kernel bodies and launch code shared by every shape (copied from
+# prunegraph.targets.triton.swiglu).
 # ------------------------------------------------------------------------------------------
 
+'''
+
+_KERNELS_TEMPLATE = '''
+# ------------------------------------------------------------------------------------------
+# Kernels for H={H} (every width and dtype of this hidden size).
+# ------------------------------------------------------------------------------------------
+
+@triton.jit
+def gemv_gate_up_h{H}(x_ptr, wg_ptr, wu_ptr, act_ptr, I, stride_wg_i, stride_wu_i,
+                      H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+    swiglu_gemv_gate_up_tile(x_ptr, wg_ptr, wu_ptr, act_ptr, tl.program_id(0) * BLOCK_I, I,
+                             stride_wg_i, stride_wu_i, H=H, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H)
+
+
+@triton.jit
+def gemv_down_h{H}(act_ptr, wd_ptr, y_ptr, I, stride_wd_h,
+                   H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+    swiglu_gemv_down_tile(act_ptr, wd_ptr, y_ptr, tl.program_id(0) * BLOCK_H, I, stride_wd_h,
+                          H=H, BLOCK_H=BLOCK_H, BLOCK_I=BLOCK_I)
+
+
+@triton.jit
+def gate_up_h{H}(x_ptr, wg_ptr, wu_ptr, act_ptr, T, I, stride_xt, stride_wg_i, stride_wu_i,
+                 stride_at, H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+                 BLOCK_H: tl.constexpr, GROUP_T: tl.constexpr, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    swiglu_gate_up_tile(x_ptr, wg_ptr, wu_ptr, act_ptr, T, I, stride_xt, stride_wg_i,
+                        stride_wu_i, stride_at, H=H, BLOCK_T=BLOCK_T, BLOCK_I=BLOCK_I,
+                        BLOCK_H=BLOCK_H, GROUP_T=GROUP_T, UPCAST=UPCAST,
+                        DOT_PRECISION=DOT_PRECISION)
+
+
+@triton.jit
+def down_h{H}(act_ptr, wd_ptr, y_ptr, T, I, stride_at, stride_wd_h, stride_yt,
+              H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_I: tl.constexpr, GROUP_T: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    swiglu_down_tile(act_ptr, wd_ptr, y_ptr, T, I, stride_at, stride_wd_h, stride_yt, H=H,
+                     BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_I=BLOCK_I, GROUP_T=GROUP_T,
+                     UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION)
+
+
+_KERNELS_H{H} = (gemv_gate_up_h{H}, gemv_down_h{H}, gate_up_h{H}, down_h{H})
 '''
 
 _SHAPE_TEMPLATE = '''
 # ------------------------------------------------------------------------------------------
 # Shape {key}: H={H}, I={I}, {dtype}.
 # Used by: {layers}
-# Blocks: decode {bi} channels x {bh} hidden per program ({n_decode} programs, {dw} warps);
-#         GEMM tiles T={tts}/{tt} (T <= {tts} / larger), I={ti}, H={th} ({tw} warps).
+# Plan ({source}):
+{table}
 # ------------------------------------------------------------------------------------------
 
-@triton.jit
-def decode_{key}(
-        x_ptr, wg_ptr, wu_ptr, wd_ptr, y32_ptr, stride_wg_i, stride_wu_i, stride_wd_h):
-    i0 = tl.program_id(0) * {bi}
-    swiglu_decode_tile(x_ptr, wg_ptr, wu_ptr, wd_ptr, y32_ptr, i0, {I} - i0, 1.0,
-                       stride_wg_i, 1, stride_wu_i, 1, stride_wd_h, 1,
-                       H={H}, BLOCK_I={bi}, BLOCK_H={bh})
-
-
-@triton.jit
-def gate_up_{key}(
-        x_ptr, wg_ptr, wu_ptr, act_ptr, T, stride_xt, stride_wg_i, stride_wu_i, stride_at,
-        BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
-    swiglu_gate_up_tile(x_ptr, wg_ptr, wu_ptr, act_ptr, T, stride_xt, stride_wg_i, stride_wu_i,
-                        stride_at, H={H}, I={I}, BLOCK_T=BLOCK_T, BLOCK_I={ti}, BLOCK_H={th},
-                        UPCAST=UPCAST, DOT_PRECISION="{precision}")
-
-
-@triton.jit
-def down_{key}(
-        act_ptr, wd_ptr, y_ptr, T, stride_at, stride_wd_h, stride_yt,
-        BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
-    swiglu_down_tile(act_ptr, wd_ptr, y_ptr, T, stride_at, stride_wd_h, stride_yt, H={H}, I={I},
-                     BLOCK_T=BLOCK_T, BLOCK_H={th}, BLOCK_I={ti}, UPCAST=UPCAST,
-                     DOT_PRECISION="{precision}")
+PLAN_{key} = (
+{entries}
+)
 
 
 def _run_{key}(name, x, wg, wu, wd):
     _check(name, {H}, {I}, torch.{dtype}, x, wg, wu, wd)
-    lead = x.shape[:-1]
-    x2 = _unit_inner(x.reshape(-1, {H}))
-    wg, wu, wd = _unit_inner(wg), _unit_inner(wu), _unit_inner(wd)
-    T = x2.shape[0]
-    if T == 1:
-        y32 = torch.zeros({H}, device=x.device, dtype=torch.float32)
-        decode_{key}[({n_decode},)](
-            x2, wg, wu, wd, y32, wg.stride(0), wu.stride(0), wd.stride(0), num_warps={dw})
-        return y32.to(x.dtype).reshape(*lead, {H})
-    bt = {tts} if T <= {tts} else {tt}
-    act = torch.empty(T, {I}, device=x.device, dtype=x.dtype)
-    gate_up_{key}[(triton.cdiv(T, bt), {n_i})](
-        x2, wg, wu, act, T, x2.stride(0), wg.stride(0), wu.stride(0), act.stride(0),
-        BLOCK_T=bt, UPCAST=_INTERPRET, num_warps={tw})
-    y = torch.empty(T, {H}, device=x.device, dtype=x.dtype)
-    down_{key}[(triton.cdiv(T, bt), {n_h})](
-        act, wd, y, T, act.stride(0), wd.stride(0), y.stride(0), BLOCK_T=bt,
-        UPCAST=_INTERPRET, num_warps={tw})
-    return y.reshape(*lead, {H})
+    return _dispatch(PLAN_{key}, _KERNELS_H{H}, {H}, {I}, x, wg, wu, wd)
 '''
 
 _LAYER_TEMPLATE = '''
@@ -195,58 +223,80 @@ def run_{ident}(x, wg, wu, wd):
 '''
 
 
-def _shape_source(shape: MLPShape, layers: list[str], blocks: SwigluBlocks) -> str:
-    H, I = shape.hidden, shape.intermediate
-    return _SHAPE_TEMPLATE.format(
-        key=shape.key, H=H, I=I, dtype=shape.dtype_name, layers=", ".join(layers),
-        bi=blocks.decode_i, bh=blocks.decode_h, n_decode=-(-I // blocks.decode_i),
-        tts=blocks.tile_t_small, tt=blocks.tile_t, ti=blocks.tile_i, th=blocks.tile_h,
-        n_i=-(-I // blocks.tile_i), n_h=-(-H // blocks.tile_h),
-        dw=blocks.decode_warps, tw=blocks.tile_warps,
-        precision="ieee" if shape.dtype_name == "float32" else "tf32")
+def _bucket_label(most: int | None, previous: int | None) -> str:
+    if most is None:
+        return f"T > {previous}"
+    if previous is None:
+        return f"T <= {most}" if most > 1 else "T == 1"
+    return f"{previous} < T <= {most}"
 
 
-def generate_source(shapes: Sequence[MLPShape]) -> str:
-    """The text of a standalone module with kernels for every distinct shape in ``shapes`` and a
-    ``run_<layer>`` launcher per entry."""
+def _shape_source(shape: MLPShape, layers: list[str], plan: Sequence[PathChoice]) -> str:
+    rows, entries, previous = [], [], None
+    for c in plan:
+        label = _bucket_label(c.max_tokens, previous)
+        previous = c.max_tokens
+        rows.append(f"#   {label:<16} {c.path:<6} {c.why}")
+        entries.append(f"    ({c.max_tokens!r}, {c.path!r}, {c.config.literal()},\n"
+                       f"     {c.why!r}),")
+    source = plan[0].source if plan else "default"
+    return _SHAPE_TEMPLATE.format(key=shape.key, H=shape.hidden, I=shape.intermediate,
+                                  dtype=shape.dtype_name, layers=", ".join(layers),
+                                  source=source, table="\n".join(rows),
+                                  entries="\n".join(entries))
+
+
+def generate_source(shapes: Sequence[MLPShape],
+                    plans: Mapping[str, Sequence[PathChoice]] | None = None) -> str:
+    """The text of a standalone module with a plan for every distinct shape in ``shapes`` and a
+    ``run_<layer>`` launcher per entry. ``plans`` maps :attr:`MLPShape.key` to its
+    :class:`~prunegraph.targets.triton.choose.PathChoice` per token bucket; shapes without one
+    get :func:`~prunegraph.targets.triton.choose.default_plan` (Triton everywhere, untimed)."""
     _validate(shapes)
+    plans = dict(plans or {})
     by_key: dict[str, list[MLPShape]] = {}
     for s in shapes:
         by_key.setdefault(s.key, []).append(s)
-    parts = [_HEADER.format(n_layers=len(shapes), n_shapes=len(by_key))]
-    for body in (swiglu_decode_tile, swiglu_gate_up_tile, swiglu_down_tile):
+    for key, group in by_key.items():
+        plan = plans.get(key)
+        if plan is None:
+            plans[key] = default_plan(group[0])
+        elif len(plan) != len(TOKEN_BUCKETS) or any(
+                c.max_tokens != most for c, (most, _) in zip(plan, TOKEN_BUCKETS)):
+            raise ValueError(f"the plan for {key} must have one entry per token bucket "
+                             f"{[m for m, _ in TOKEN_BUCKETS]}, got "
+                             f"{[c.max_tokens for c in plan]}")
+    chosen = sorted({c.source for key in by_key for c in plans[key]})
+    parts = [_HEADER.format(n_layers=len(shapes), n_shapes=len(by_key), chosen="; ".join(chosen))]
+    for body in KERNEL_BODIES:
         parts.append(inspect.getsource(body.fn) + "\n")
+    parts.append(inspect.getsource(launch_swiglu) + "\n")
+    for H in sorted({s.hidden for s in shapes}):
+        parts.append(_KERNELS_TEMPLATE.format(H=H))
     for group in by_key.values():
         first = group[0]
-        blocks = choose_blocks(first.hidden, first.intermediate, _DTYPES[first.dtype_name])
-        parts.append(_shape_source(first, [s.name for s in group], blocks))
+        parts.append(_shape_source(first, [s.name for s in group], plans[first.key]))
     for s in shapes:
         parts.append(_LAYER_TEMPLATE.format(ident=layer_identifier(s.name), name=s.name,
                                             H=s.hidden, I=s.intermediate, dtype=s.dtype_name,
                                             key=s.key))
     table = ",\n".join(
         f"    {s.name!r}: dict(run=run_{layer_identifier(s.name)}, hidden={s.hidden}, "
-        f"intermediate={s.intermediate}, dtype=torch.{s.dtype_name})" for s in shapes)
+        f"intermediate={s.intermediate}, dtype=torch.{s.dtype_name}, shape={s.key!r})"
+        for s in shapes)
+    plan_table = ",\n".join(f"    {key!r}: PLAN_{key}" for key in by_key)
     parts.append(f"\n\n# Module path -> launcher and the shape it was generated for.\n"
-                 f"LAYERS = {{\n{table},\n}}\n")
+                 f"LAYERS = {{\n{table},\n}}\n"
+                 f"\n# Shape -> plan: (max tokens, path, tile config, why) per token bucket.\n"
+                 f"PLANS = {{\n{plan_table},\n}}\n")
     return "".join(parts)
 
 
-def write_module(shapes: Sequence[MLPShape], path: str | os.PathLike[str]) -> Path:
+def write_module(shapes: Sequence[MLPShape], path: str | os.PathLike[str],
+                 plans: Mapping[str, Sequence[PathChoice]] | None = None) -> Path:
     """Generate the module and write it to ``path`` (through a temporary file and a rename)."""
-    source = generate_source(shapes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    source = generate_source(shapes, plans)
+    return atomic_write_text(path, source)
 
 
 def load_module(path: str | os.PathLike[str], name: str | None = None) -> ModuleType:

@@ -22,35 +22,31 @@ read it through its strides, and :func:`pack_prunepath_weights` stores it column
 block. Every expert thus streams exactly three contiguous blocks, which is where the decode
 bandwidth saving comes from.
 
-Paths:
+Paths (:class:`PrunePathFFN` holds one FFN's weights and picks between them; the functions
+below are the same paths for loose tensors):
 
-* one token (decode): :func:`router_select` (one program per token: router GEMV, fp32 softmax and
-  sigmoid, ranking by an all-pairs comparison, compact list of active ids, weights and count)
-  then :func:`expert_swiglu_decode` (a grid of ``E`` expert slots per token, each split over
-  ``SPLIT`` programs of ``channels_per_program`` channels; slots ``>= count`` exit at once; each
-  active program computes ``silu(gate) * up * sigmoid(r_e)`` for its channels in registers and
-  atomically adds its partial ``[H]`` output into a zeroed fp32 buffer).
-* several tokens (:func:`prunepath_ffn`): up to ``max_grid_tokens`` tokens run the same two
-  kernels on a ``(T,)`` and ``(T, E * SPLIT)`` grid: each (token, active expert) streams that
-  expert's weights, so weight traffic grows with ``T`` (good for batched decode, not prefill).
-  Beyond that the documented fallback is the dense masked PyTorch path
-  (:func:`prunepath_ffn_reference`), which computes every channel and multiplies by the gates;
-  a grouped-GEMM prefill pipeline (methods.md §3.5) is not implemented.
-
-fp32 atomics make the output's last bits depend on the order in which experts finish.
+* up to ``max_decode_tokens`` tokens (decode, small batches): the kernels of
+  :mod:`~prunegraph.targets.triton.prunepath_decode`: the router GEMV spread over many programs
+  with the selection fused into its last program, then the union of the tokens' active experts
+  streamed by a gate/up kernel and a split-K down kernel whose partial sums are reduced without
+  atomics on data (three launches for one token). The output is deterministic.
+* more tokens (prefill): :mod:`~prunegraph.targets.triton.prunepath_prefill`: router GEMM and
+  per-token selection, tokens grouped by expert, one grouped gate/up GEMM over the active
+  (token, expert) pairs scattered into the activation, and the dense down GEMM (optionally, above
+  an active fraction ``dense_above``, the masked path: every channel, then the gates).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from prunegraph.targets.triton.swiglu import swiglu_decode_tile
+from prunegraph.targets.triton import prunepath_decode as dec
+from prunegraph.targets.triton import prunepath_prefill as pre
+from prunegraph.targets.triton.prunepath_decode import DecodeBlocks, RouterSelection
+from prunegraph.targets.triton.prunepath_prefill import PrefillBlocks
 
 __all__ = [
     "Mode",
@@ -62,6 +58,9 @@ __all__ = [
     "router_select",
     "expert_swiglu_decode",
     "prunepath_ffn",
+    "PrunePathFFN",
+    "DecodeBlocks",
+    "PrefillBlocks",
 ]
 
 Mode = Literal["exclusive", "inclusive"]
@@ -134,114 +133,8 @@ def pack_prunepath_weights(wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# Kernel paths
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _router_select_kernel(x_ptr, wr_ptr, probs_ptr, ids_ptr, wts_ptr, cnt_ptr, zero_ptr, tau,
-                          stride_xt, stride_wr_e, stride_wr_h, stride_sel_t, stride_zt,
-                          H: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr,
-                          INCLUSIVE: tl.constexpr, ZERO_N: tl.constexpr):
-    """One token: logits, fp32 softmax and sigmoid, then every expert's rank and the mass of the
-    experts ranked before it, from an all-pairs comparison (no sequential loop over ranks).
-    Active experts are a prefix of the ranking, so expert e goes to slot rank_e of the list."""
-    t = tl.program_id(0)
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        x = tl.load(x_ptr + t * stride_xt + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-        w = tl.load(wr_ptr + offs_e[:, None] * stride_wr_e + offs_h[None, :] * stride_wr_h,
-                    mask=mask_e[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-        logits += tl.sum(w * x[None, :], axis=1)
-    logits = tl.where(mask_e, logits, float("-inf"))
-    ex = tl.exp(logits - tl.max(logits, axis=0))
-    ex = tl.where(mask_e, ex, 0.0)
-    p = ex / tl.sum(ex, axis=0)
-    sig = tl.sigmoid(logits)
-    tl.store(probs_ptr + t * stride_sel_t + offs_e, p, mask=mask_e)
-    tl.debug_barrier()  # the probabilities are re-read below in chunks, by other threads
-    rank = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    before = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for j0 in range(0, E, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mask_j = offs_j < E
-        pj = tl.load(probs_ptr + t * stride_sel_t + offs_j, mask=mask_j, other=-1.0)
-        # j precedes e: more probable, or equally probable with a lower id
-        prec = (pj[None, :] > p[:, None]) | ((pj[None, :] == p[:, None])
-                                             & (offs_j[None, :] < offs_e[:, None]))
-        prec = prec & mask_j[None, :]
-        rank += tl.sum(prec.to(tl.int32), axis=1)
-        before += tl.sum(tl.where(prec, pj[None, :], 0.0), axis=1)
-    if INCLUSIVE:
-        active = before < tau
-    else:
-        active = ((before + p) < tau) | (rank == 0)
-    active = active & mask_e
-    tl.store(ids_ptr + t * stride_sel_t + rank, offs_e.to(tl.int32), mask=active)
-    tl.store(wts_ptr + t * stride_sel_t + rank, sig, mask=active)
-    tl.store(cnt_ptr + t, tl.sum(active.to(tl.int32), axis=0))
-    if ZERO_N > 0:  # zero the expert kernel's fp32 accumulator: saves a memset launch
-        for z0 in range(0, ZERO_N, BLOCK_H):
-            offs_z = z0 + tl.arange(0, BLOCK_H)
-            tl.store(zero_ptr + t * stride_zt + offs_z, tl.zeros((BLOCK_H,), dtype=tl.float32),
-                     mask=offs_z < ZERO_N)
-
-
-@triton.jit
-def _expert_decode_kernel(x_ptr, wg_ptr, wu_ptr, wd_ptr, ids_ptr, wts_ptr, cnt_ptr, y32_ptr,
-                          stride_xt, stride_sel_t, stride_yt,
-                          stride_wg_i, stride_wg_h, stride_wu_i, stride_wu_h,
-                          stride_wd_h, stride_wd_i,
-                          H: tl.constexpr, I: tl.constexpr, G: tl.constexpr,
-                          SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (t, k): slot k // SPLIT of token t's active list, channel chunk k % SPLIT of that
-    expert (SPLIT programs per expert, so even one active expert spreads over several SMs)."""
-    t = tl.program_id(0)
-    k = tl.program_id(1)
-    slot = k // SPLIT
-    part = k % SPLIT
-    count = tl.load(cnt_ptr + t)
-    if slot < count:
-        e = tl.load(ids_ptr + t * stride_sel_t + slot)
-        weight = tl.load(wts_ptr + t * stride_sel_t + slot)
-        i0 = e * G + part * BLOCK_G
-        n_valid = tl.minimum(G - part * BLOCK_G, I - i0)
-        swiglu_decode_tile(x_ptr + t * stride_xt, wg_ptr, wu_ptr, wd_ptr, y32_ptr + t * stride_yt,
-                           i0, n_valid, weight,
-                           stride_wg_i, stride_wg_h, stride_wu_i, stride_wu_h,
-                           stride_wd_h, stride_wd_i, H=H, BLOCK_I=BLOCK_G, BLOCK_H=BLOCK_H)
-
-
-# --------------------------------------------------------------------------------------------
-# Wrappers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RouterSelection:
-    """Compact per-token routing: ``ids[t, :count[t]]`` are the active experts in rank order,
-    ``weights[t, :count[t]]`` their ``sigmoid(r_e)``; entries past ``count`` are unspecified.
-    ``probs`` is the full softmax ``[T, E]`` (for entropy and load statistics)."""
-
-    ids: torch.Tensor  # [T, E] int32
-    weights: torch.Tensor  # [T, E] fp32
-    count: torch.Tensor  # [T] int32
-    probs: torch.Tensor  # [T, E] fp32
-
-    def gates(self, num_experts: int) -> torch.Tensor:
-        """Dense ``[T, E]`` gates (0 for unselected experts), comparable to
-        :func:`prunepath_gates`."""
-        T = self.count.shape[0]
-        out = torch.zeros(T, num_experts, dtype=torch.float32, device=self.count.device)
-        for t in range(T):
-            n = int(self.count[t])
-            out[t, self.ids[t, :n].long()] = self.weights[t, :n]
-        return out
 
 
 def _as_tokens(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -251,85 +144,140 @@ def _as_tokens(x: torch.Tensor, H: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def router_select(x: torch.Tensor, wr: torch.Tensor, tau: float, mode: Mode = "exclusive",
-                  zero: torch.Tensor | None = None) -> RouterSelection:
-    """Route each token of ``x [..., H]`` (one program per token; decode is ``T == 1``).
+def _check_shapes(wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                  group_size: int) -> None:
+    I, H = wg.shape
+    E = _num_experts(I, group_size)
+    if wu.shape != (I, H) or wd.shape != (H, I):
+        raise ValueError(f"PrunePath: wg/wu must be [I, H] and wd [H, I]; got wg "
+                         f"{tuple(wg.shape)}, wu {tuple(wu.shape)}, wd {tuple(wd.shape)}")
+    if wr.shape != (E, H):
+        raise ValueError(f"router has shape {tuple(wr.shape)} but I={I}, group_size="
+                         f"{group_size} gives {E} experts; the router must be [ceil(I / G)={E}, "
+                         f"H={H}]")
 
-    The kernel ranks experts by an all-pairs comparison and sums the preceding mass as a tree,
+
+class PrunePathFFN:
+    """One routed SwiGLU FFN made ready for the kernels, once: the weights in the decode layout
+    (``pack``: ``wd`` column-major, a copy unless it already is), the tiles for its shape and the
+    ticket counters its decode kernels share. One instance must not run on two CUDA streams at
+    once (the counters); the weights are referenced, not copied, except ``wd`` when packing.
+
+    ``max_decode_tokens``: inputs of at most this many tokens take the decode kernels, larger
+    ones the grouped prefill. ``dense_above``: an active fraction (of expert slots, read back to
+    the host) above which the prefill takes the masked path (every channel computed, then gated)
+    instead; ``None`` (default) always groups, with no host read-back: on an H200 the grouped
+    prefill was faster than the masked path up to 90% active (``docs/benchmarks.md``)."""
+
+    def __init__(self, wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                 group_size: int, *, max_decode_tokens: int = 64,
+                 dense_above: float | None = None, decode_blocks: DecodeBlocks | None = None,
+                 prefill_blocks: PrefillBlocks | None = None, pack: bool = True) -> None:
+        _check_shapes(wr, wg, wu, wd, group_size)
+        if max_decode_tokens < 1:
+            raise ValueError(f"max_decode_tokens must be >= 1, got {max_decode_tokens}")
+        I, H = wg.shape
+        self.group_size, self.hidden, self.width = int(group_size), H, I
+        self.experts = _num_experts(I, group_size)
+        self.wr, self.wg, self.wu, self.wd = (pack_prunepath_weights(wr, wg, wu, wd) if pack
+                                              else (wr, wg, wu, wd))
+        self.max_decode_tokens, self.dense_above = int(max_decode_tokens), dense_above
+        self.decode_blocks = decode_blocks or dec.choose_decode_blocks(
+            H, I, self.group_size, self.experts, wg.device)
+        self.prefill_blocks = prefill_blocks or PrefillBlocks()
+        self.counters = dec.new_counters(self.decode_blocks, H, wg.device)
+
+    def set_decode_blocks(self, blocks: DecodeBlocks) -> None:
+        """Use other decode tiles from now on (the benchmark's sweep)."""
+        self.decode_blocks = blocks
+        self.counters = dec.new_counters(blocks, self.hidden, self.wg.device)
+
+    def __call__(self, x: torch.Tensor, tau: float, mode: Mode = "exclusive") -> torch.Tensor:
+        """The FFN output for ``x [..., H]`` in ``x.dtype``."""
+        _check_mode_tau(mode, tau)
+        x2 = _as_tokens(x, self.hidden)
+        if x2.shape[0] <= self.max_decode_tokens:
+            y = self.decode(x2, tau, mode)
+        else:
+            y = self.prefill(x2, tau, mode)
+        return y.reshape(x.shape)
+
+    def route(self, x2: torch.Tensor, tau: float, mode: Mode = "exclusive") -> RouterSelection:
+        """Decode routing of ``x2 [T, H]`` (per-token lists and their union)."""
+        return dec.route(x2, self.wr, tau, mode == "inclusive", self.decode_blocks, self.counters)
+
+    def decode(self, x2: torch.Tensor, tau: float, mode: Mode = "exclusive",
+               stages: str = "all") -> torch.Tensor:
+        """``[T, H]`` through the decode kernels. ``stages`` leaves later kernels out, for
+        timing each stage: ``"router"``, ``"gate_up"`` (the output is then unwritten)."""
+        sel = self.route(x2, tau, mode)
+        if stages == "router":
+            return x2
+        return dec.decode_experts(x2, self.wg, self.wu, self.wd, sel, self.group_size,
+                                  self.decode_blocks, self.counters, stages=stages)
+
+    def prefill(self, x2: torch.Tensor, tau: float, mode: Mode = "exclusive",
+                path: str = "auto") -> torch.Tensor:
+        """``[T, H]`` through the prefill path: ``"grouped"``, ``"masked"`` or ``"auto"``
+        (grouped unless the active fraction is above ``dense_above``)."""
+        if path not in ("auto", "grouped", "masked"):
+            raise ValueError(f"prefill path {path!r} is unknown; use auto, grouped or masked")
+        sel = pre.select_tokens(pre.router_logits(x2, self.wr), tau, mode == "inclusive")
+        if path == "auto":
+            path = "grouped"
+            if self.dense_above is not None:
+                fraction = float((sel.selected_gates >= 0).float().mean())
+                path = "masked" if fraction > self.dense_above else "grouped"
+        if path == "masked":
+            return pre.masked_prefill(x2, self.wg, self.wu, self.wd, sel, self.group_size)
+        return pre.grouped_prefill(x2, self.wg, self.wu, self.wd, sel, self.group_size,
+                                   self.prefill_blocks)
+
+
+def router_select(x: torch.Tensor, wr: torch.Tensor, tau: float,
+                  mode: Mode = "exclusive") -> RouterSelection:
+    """Route each token of ``x [..., H]`` with the decode router kernels (the GEMV over many
+    programs, the selection fused into the last one for a single token).
+
+    The kernels rank experts by an all-pairs comparison and sum the preceding mass as a tree,
     not the sequential cumulative sum of the reference: the two can differ in the last bits,
     which decides the selection only when a cumulative mass lies within rounding of ``tau``.
-    ``zero``: an optional fp32 ``[T, n]`` buffer the kernel fills with zeros (the expert
-    kernel's accumulator, saving a memset launch).
     """
     _check_mode_tau(mode, tau)
     E, H = wr.shape
     x2 = _as_tokens(x, H)
-    T = x2.shape[0]
-    ids = torch.empty(T, E, dtype=torch.int32, device=x.device)
-    wts = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    probs = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    cnt = torch.empty(T, dtype=torch.int32, device=x.device)
-    if zero is not None and (zero.dtype != torch.float32 or zero.dim() != 2
-                             or zero.shape[0] != T or zero.stride(-1) != 1):
-        raise ValueError(f"router_select: zero must be a unit-stride fp32 [T={T}, n] buffer, "
-                         f"got {zero.dtype} {tuple(zero.shape)}")
-    block_e = triton.next_power_of_2(E)
-    block_h = max(16, min(triton.next_power_of_2(H), 4096 // block_e))
-    block_j = max(16, min(block_e, 4096 // block_e))
-    _router_select_kernel[(T,)](
-        x2, wr, probs, ids, wts, cnt, zero if zero is not None else probs, float(tau),
-        x2.stride(0), wr.stride(0), wr.stride(1), ids.stride(0),
-        zero.stride(0) if zero is not None else 0,
-        H=H, E=E, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_J=block_j,
-        INCLUSIVE=(mode == "inclusive"), ZERO_N=zero.shape[1] if zero is not None else 0)
-    return RouterSelection(ids=ids, weights=wts, count=cnt, probs=probs)
+    blocks = dec.choose_decode_blocks(H, E, 1, E, x.device)
+    return dec.route(x2, wr, tau, mode == "inclusive", blocks,
+                     dec.new_counters(blocks, H, x.device))
 
 
 def expert_swiglu_decode(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                          selection: RouterSelection, group_size: int,
-                         channels_per_program: int = 4,
-                         out32: torch.Tensor | None = None) -> torch.Tensor:
-    """The selected experts' SwiGLU, summed: ``[..., H]`` in ``x.dtype``.
-
-    Grid ``(T, E * SPLIT)`` with ``SPLIT = ceil(G / channels_per_program)``; programs past a
-    token's active count exit at once. 4 channels per program was the fastest of {4, 8, 32}
-    for E=48, G=32, H=576 on an H100 (more programs per active expert, more SMs streaming). ``out32``: an fp32 ``[T, H]`` accumulator that is
-    already zero (see :func:`router_select`'s ``zero``); by default one is allocated.
-    """
+                         blocks: DecodeBlocks | None = None) -> torch.Tensor:
+    """The selected experts' SwiGLU, summed: ``[..., H]`` in ``x.dtype`` (the union of the
+    tokens' experts is streamed once, each token weighted by its own gates)."""
     I, H = wg.shape
     E = _num_experts(I, group_size)
     if wu.shape != (I, H) or wd.shape != (H, I):
         raise ValueError(f"PrunePath: wg/wu must be [I, H] and wd [H, I]; got wg "
                          f"{tuple(wg.shape)}, wu {tuple(wu.shape)}, wd {tuple(wd.shape)}")
     x2 = _as_tokens(x, H)
-    T = x2.shape[0]
-    y32 = torch.zeros(T, H, dtype=torch.float32, device=x.device) if out32 is None else out32
-    block_g = min(triton.next_power_of_2(group_size),
-                  triton.next_power_of_2(max(1, channels_per_program)))
-    split = -(-group_size // block_g)
-    block_h = min(128 if x.dtype != torch.float32 else 64, max(16, triton.next_power_of_2(H)))
-    _expert_decode_kernel[(T, E * split)](
-        x2, wg, wu, wd, selection.ids, selection.weights, selection.count, y32,
-        x2.stride(0), selection.ids.stride(0), y32.stride(0),
-        wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1), wd.stride(0), wd.stride(1),
-        H=H, I=I, G=group_size, SPLIT=split, BLOCK_G=block_g, BLOCK_H=block_h)
-    return y32.to(x.dtype).reshape(x.shape)
+    blocks = blocks or dec.choose_decode_blocks(H, I, group_size, E, x.device)
+    y = dec.decode_experts(x2, wg, wu, wd, selection.with_union(E), group_size, blocks,
+                           dec.new_counters(blocks, H, x.device))
+    return y.reshape(x.shape)
 
 
 def prunepath_ffn(x: torch.Tensor, wr: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
                   wd: torch.Tensor, tau: float, group_size: int, mode: Mode = "exclusive",
-                  max_grid_tokens: int = 64, channels_per_program: int = 4) -> torch.Tensor:
-    """PrunePath FFN for ``x [..., H]``: the kernel path for up to ``max_grid_tokens`` tokens,
-    the dense masked PyTorch path beyond (see the module docstring). Three launches on the
-    kernel path: router (which also zeroes the accumulator), experts, fp32-to-dtype cast."""
-    I, H = wg.shape
-    if wr.shape[0] != _num_experts(I, group_size):
-        raise ValueError(f"router has {wr.shape[0]} experts but I={I}, group_size={group_size} "
-                         f"gives {_num_experts(I, group_size)}; it must have ceil(I / G) rows")
-    T = x.numel() // x.shape[-1]
-    if T > max_grid_tokens:
-        return prunepath_ffn_reference(x, wr, wg, wu, wd, tau, group_size, mode)
-    y32 = torch.empty(T, H, dtype=torch.float32, device=x.device)
-    selection = router_select(x, wr, tau, mode, zero=y32)
-    return expert_swiglu_decode(x, wg, wu, wd, selection, group_size, channels_per_program,
-                                out32=y32)
+                  max_decode_tokens: int = 64, dense_above: float | None = None,
+                  decode_blocks: DecodeBlocks | None = None,
+                  prefill_blocks: PrefillBlocks | None = None) -> torch.Tensor:
+    """PrunePath FFN for ``x [..., H]``: decode kernels for up to ``max_decode_tokens`` tokens,
+    the grouped prefill beyond (see :class:`PrunePathFFN`, which this builds without packing:
+    keep one instance instead when calling repeatedly)."""
+    _check_shapes(wr, wg, wu, wd, group_size)
+    ffn = PrunePathFFN(wr, wg, wu, wd, group_size, max_decode_tokens=max_decode_tokens,
+                       dense_above=dense_above, decode_blocks=decode_blocks,
+                       prefill_blocks=prefill_blocks, pack=False)
+    return ffn(x, tau, mode)

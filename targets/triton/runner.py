@@ -2,12 +2,13 @@
 
 Two installers share :func:`uninstall`: :func:`install_triton_mlps` (dense or pruned MLPs, the
 generated fused SwiGLU launchers) and :func:`install_prunepath_mlps` (a PrunePath model's routed
-MLPs, the top-p expert kernels of :mod:`~prunegraph.targets.triton.prunepath`).
+MLPs, the decode and grouped prefill kernels of :mod:`~prunegraph.targets.triton.prunepath`).
 
-For :func:`install_triton_mlps` an MLP qualifies when it has ``gate_proj``, ``up_proj`` and
-``down_proj`` ``nn.Linear`` children without bias and a SiLU activation (checked numerically, so
-any SiLU class passes) and its forward is ``down(act(gate(x)) * up(x))``; the caller names the
-modules by path. :func:`install_prunepath_mlps` finds the gate, up and down weights from the
+For :func:`install_triton_mlps` an MLP qualifies when the captured graph shows its forward is
+exactly ``down(silu(x @ Wg^T) * (x @ Wu^T))`` with no bias (a gated MLP of
+:mod:`~prunegraph.targets.triton.patterns`, whatever its modules are called; a fused
+``gate_up_proj`` too); the caller names the modules by path or passes the patterns found.
+:func:`install_prunepath_mlps` finds the gate, up and down weights from the
 routers' MoEfy layout (fused ``gate_up_proj`` too), so nothing here knows an architecture.
 Either installed forward falls back to the module's own forward, with one warning per reason,
 when the kernels cannot run: the input is on a device triton does not target (anything but
@@ -17,6 +18,7 @@ needs a graph (the kernels have no backward).
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from collections.abc import Sequence
@@ -26,32 +28,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunegraph import prunepath as pp
 from prunegraph.errors import PreconditionError
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.targets.triton.codegen import MLPShape, load_module
-from prunegraph.targets.triton.prunepath import prunepath_ffn
+from prunegraph.targets.triton.patterns import GatedMLP, gated_mlps
+from prunegraph.targets.triton.prunepath import PrunePathFFN
+from prunegraph.targets.triton.prunepath_decode import choose_decode_blocks
 from prunegraph.targets.triton.swiglu import interpreting
 
-__all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall"]
+__all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall",
+           "unsupported"]
 
 _MARK = "_prunegraph_triton_forward"
 _ACT_NAMES = ("act_fn", "act", "activation_fn", "activation")
 _TRITON_DEVICES = ("cuda", "xpu")
 
 
-def _linears(mlp: nn.Module, path: str) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+def unsupported(mlp: GatedMLP) -> str | None:
+    """Why the SwiGLU kernels cannot serve a gated MLP (None: they can)."""
+    if mlp.module is None:
+        return (f"{mlp.group or mlp.down}: {mlp.module_reason}, so no module's forward can be "
+                f"swapped")
+    if mlp.activation != "silu":
+        return (f"{mlp.module}: activation {mlp.activation} is not SiLU; the Triton kernels "
+                f"implement SwiGLU only")
+    if mlp.bias:
+        return f"{mlp.module}: a projection has a bias, which the Triton SwiGLU kernels do not add"
+    return None
+
+
+@contextlib.contextmanager
+def _pytorch_forwards(model: nn.Module):
+    """MLPs that run Triton kernels run their own forward meanwhile (so the model captures)."""
+    swapped = [(m, m.__dict__["forward"]) for m in model.modules() if hasattr(m, _MARK)]
+    for mlp, _ in swapped:
+        previous = getattr(mlp, _MARK)
+        if previous is None:
+            del mlp.forward
+        else:
+            mlp.forward = previous
+    try:
+        yield
+    finally:
+        for mlp, forward in swapped:
+            mlp.forward = forward
+
+
+def _resolve(model: nn.Module, mlps: Sequence[str | GatedMLP]) -> list[GatedMLP]:
+    """Gated MLP patterns for ``mlps``; module paths are looked up in the model's graph."""
+    by_path = None
     out = []
-    for attr in ("gate_proj", "up_proj", "down_proj"):
-        lin = getattr(mlp, attr, None)
-        if not isinstance(lin, nn.Linear):
+    for item in mlps:
+        if isinstance(item, GatedMLP):
+            out.append(item)
+            continue
+        try:
+            if hasattr(model.get_submodule(item), _MARK):
+                raise PreconditionError(f"{item} already runs Triton kernels; call uninstall "
+                                        f"first")
+        except AttributeError as e:
+            raise PreconditionError(f"model has no submodule {item!r}: {e}") from e
+        if by_path is None:
+            with _pytorch_forwards(model):
+                by_path = {m.module: m for m in gated_mlps(model).mlps if m.module is not None}
+        if item not in by_path:
             raise PreconditionError(
-                f"{path}: expected an nn.Linear child {attr!r} (SwiGLU MLP with gate_proj, "
-                f"up_proj, down_proj); found {type(lin).__name__}. Pass only such MLP paths")
-        if lin.bias is not None:
-            raise PreconditionError(f"{path}.{attr} has a bias, which the Triton SwiGLU kernels "
-                                    f"do not add; leave this MLP out of mlp_paths")
-        out.append(lin)
-    return out[0], out[1], out[2]
+                f"{item} is not a gated MLP (down(act(x @ Wg^T) * (x @ Wu^T)) alone in one "
+                f"module); the model's are: {', '.join(by_path) or 'none'}. Pass only those")
+        out.append(by_path[item])
+    return out
 
 
 def _check_silu(mlp: nn.Module, path: str, like: torch.Tensor) -> None:
@@ -71,12 +116,15 @@ def _check_silu(mlp: nn.Module, path: str, like: torch.Tensor) -> None:
                                 f"implement SwiGLU only, leave this MLP out of mlp_paths")
 
 
-def mlp_shapes(model: nn.Module, mlp_paths: Sequence[str]) -> list[MLPShape]:
-    """The :class:`MLPShape` of each listed MLP, read from its live weights (for codegen)."""
+def mlp_shapes(model: nn.Module, mlp_paths: Sequence[str | GatedMLP]) -> list[MLPShape]:
+    """The :class:`MLPShape` of each listed MLP (a module path or a found pattern), read from its
+    live weights (for codegen)."""
     shapes = []
-    for path in mlp_paths:
-        gate, _, _ = _linears(model.get_submodule(path), path)
-        shapes.append(MLPShape(path, gate.in_features, gate.out_features, gate.weight.dtype))
+    for mlp in _resolve(model, mlp_paths):
+        if mlp.module is None:
+            raise PreconditionError(unsupported(mlp))
+        wg = mlp.weight_reader(model.get_submodule(mlp.module))()[0]
+        shapes.append(MLPShape(mlp.module, wg.shape[1], wg.shape[0], wg.dtype))
     return shapes
 
 
@@ -98,9 +146,9 @@ def _warn_once(reason: str, warned: set[str]) -> None:
         warnings.warn(f"Triton MLPs fall back to PyTorch: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def _make_forward(run, original, warned: set[str]):
+def _make_forward(run, weights, original, warned: set[str]):
     def forward(self, x, *args, **kwargs):
-        w = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        w = weights()
         reason = _fallback_reason(x, w)
         if reason is not None:
             _warn_once(reason, warned)
@@ -118,9 +166,11 @@ def _swap_forward(mlp: nn.Module, make) -> None:
     mlp.forward = types.MethodType(make(original), mlp)
 
 
-def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
+def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str | GatedMLP],
                         module: types.ModuleType | str | Path) -> nn.Module:
-    """Make each MLP in ``mlp_paths`` run the generated launcher ``module.LAYERS[path]``.
+    """Make each MLP in ``mlp_paths`` (module paths, or patterns from
+    :func:`~prunegraph.targets.triton.patterns.gated_mlps`) run the generated launcher
+    ``module.LAYERS[path]``.
 
     ``module`` is a module made by :mod:`~prunegraph.targets.triton.codegen` (or the path of
     its file). Every MLP is checked before any is changed. Returns ``model``.
@@ -132,65 +182,76 @@ def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str],
         raise PreconditionError(f"{module.__name__} has no LAYERS table; pass a module written "
                                 f"by prunegraph.targets.triton.codegen")
     todo = []
-    for path in mlp_paths:
-        try:
-            mlp = model.get_submodule(path)
-        except AttributeError as e:
-            raise PreconditionError(f"model has no submodule {path!r}: {e}") from e
+    for pattern in _resolve(model, mlp_paths):
+        reason = unsupported(pattern)
+        if reason is not None:
+            raise PreconditionError(f"{reason}; leave this MLP out of mlp_paths")
+        path = pattern.module
+        mlp = model.get_submodule(path)
         if hasattr(mlp, _MARK):
             raise PreconditionError(f"{path} already runs Triton kernels; call uninstall first")
-        gate, up, down = _linears(mlp, path)
-        _check_silu(mlp, path, gate.weight)
+        weights = pattern.weight_reader(mlp)
+        gate, up, down = weights()
         entry = layers.get(path)
         if entry is None:
             raise PreconditionError(f"{module.__name__} has no launcher for {path!r}; generate "
                                     f"it with codegen from mlp_shapes(model, paths)")
         want = (entry["hidden"], entry["intermediate"], entry["dtype"])
-        have = (gate.in_features, gate.out_features, gate.weight.dtype)
-        if (want != have or tuple(down.weight.shape) != have[:2]
-                or up.weight.shape != gate.weight.shape):
+        have = (gate.shape[1], gate.shape[0], gate.dtype)
+        if want != have or tuple(down.shape) != have[:2] or up.shape != gate.shape:
             raise PreconditionError(
                 f"{path}: the launcher was generated for (H, I, dtype) = {want} but the module "
                 f"has {have}; regenerate the kernels for the current model")
-        todo.append((mlp, entry["run"]))
+        todo.append((mlp, entry["run"], weights))
     warned: set[str] = set()
-    for mlp, run in todo:
-        _swap_forward(mlp, lambda original, run=run: _make_forward(run, original, warned))
+    for mlp, run, weights in todo:
+        _swap_forward(mlp, lambda original, run=run, w=weights: _make_forward(run, w, original,
+                                                                             warned))
     return model
 
 
-def _make_prunepath_forward(router, wg, wu, wd, max_grid_tokens: int,
-                            channels_per_program: int, original, warned: set[str]):
+def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, prefill: str,
+                            original, warned: set[str]):
     def forward(self, x, *args, **kwargs):
-        if x.numel() // x.shape[-1] > max_grid_tokens:
-            return original(x, *args, **kwargs)  # prefill: the documented masked PyTorch path
-        reason = _fallback_reason(x, (router.weight, wg, wu, wd))
+        if prefill == "masked" and x.numel() // x.shape[-1] > max_grid_tokens:
+            return original(x, *args, **kwargs)  # the module's own masked PyTorch forward
+        reason = _fallback_reason(x, (router.weight, ffn.wg, ffn.wu, ffn.wd))
         if reason is not None:
             _warn_once(reason, warned)
             return original(x, *args, **kwargs)
-        return prunepath_ffn(x, router.weight, wg, wu, wd, router.tau, router.group_size,
-                             router.mode, max_grid_tokens=max_grid_tokens,
-                             channels_per_program=channels_per_program)
+        return ffn(x, router.tau, router.mode)
 
     return forward
 
 
 def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
-                           channels_per_program: int = 4, pack: bool = True) -> nn.Module:
-    """Make every routed MLP of a PrunePath model (``prunegraph.prunepath``) run the Triton
-    router and expert kernels for inputs of at most ``max_grid_tokens`` tokens (decode, small
-    batches); larger inputs (prefill) run the module's own dense masked PyTorch forward, since
-    the grid path streams each token's experts separately. Returns ``model``.
+                           channels_per_program: int | None = None, pack: bool = True,
+                           prefill: str = "grouped", dense_above: float | None = None
+                           ) -> nn.Module:
+    """Make every routed MLP of a PrunePath model (:mod:`prunegraph.passes.prunepath.router`) run the Triton
+    PrunePath kernels (:class:`~prunegraph.targets.triton.prunepath.PrunePathFFN`): inputs of at
+    most ``max_grid_tokens`` tokens (decode, small batches) the decode kernels, which stream the
+    union of the tokens' active experts; larger inputs (prefill) the grouped prefill (tokens
+    grouped by expert, one grouped gate/up GEMM, dense down), or, if ``dense_above`` is given,
+    the masked path above that active fraction. ``prefill="masked"`` leaves larger inputs to the
+    module's own masked PyTorch forward instead. Returns ``model``.
 
     ``tau`` and ``mode`` are read from each router at every call, so ``set_tau`` still works.
-    The kernel path does not update the routers' statistics (``active_fraction``); measure those
+    The kernel paths do not update the routers' statistics (``active_fraction``); measure those
     on the PyTorch path. ``pack`` copies each ``down`` weight once into the column-major decode
     layout (a third of the FFN weights again in memory; without it the kernels read the live
-    row-major weight through its strides, slower). The weights are taken now: move or cast the
-    model first, and install again after changing its weights.
+    row-major weight through its strides, slower). ``channels_per_program`` (a power of two)
+    overrides the channels of one decode gate/up unit. The weights are taken now: move or cast
+    the model first, and install again after changing its weights.
     """
     if max_grid_tokens < 1:
         raise PreconditionError(f"max_grid_tokens must be >= 1, got {max_grid_tokens}")
+    if prefill not in ("grouped", "masked"):
+        raise PreconditionError(f"prefill must be 'grouped' or 'masked', got {prefill!r}")
+    if channels_per_program is not None and (channels_per_program < 1 or channels_per_program
+                                             & (channels_per_program - 1)):
+        raise PreconditionError(f"channels_per_program must be a power of two, got "
+                                f"{channels_per_program}")
     layers = pp.kernel_weights(model)  # raises unless routed SwiGLU MLPs are installed
     todo = []
     for w, router in zip(layers, pp.routers(model)):
@@ -199,12 +260,18 @@ def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
             raise PreconditionError(f"{w['mlp']} already runs Triton kernels; call uninstall "
                                     f"first")
         _check_silu(mlp, w["mlp"], w["wg"])
-        wd = w["wd"].t().contiguous().t() if pack else w["wd"]
-        todo.append((mlp, router, w["wg"], w["wu"], wd))
+        I, H = w["wg"].shape
+        G = w["group_size"]
+        overrides = {} if channels_per_program is None else {"gu_c": channels_per_program}
+        blocks = choose_decode_blocks(H, I, G, -(-I // G), w["wg"].device, **overrides)
+        ffn = PrunePathFFN(router.weight, w["wg"], w["wu"], w["wd"], G,
+                           max_decode_tokens=max_grid_tokens, dense_above=dense_above,
+                           decode_blocks=blocks, pack=pack)
+        todo.append((mlp, router, ffn))
     warned: set[str] = set()
-    for mlp, router, wg, wu, wd in todo:
-        _swap_forward(mlp, lambda original, r=router, g=wg, u=wu, d=wd: _make_prunepath_forward(
-            r, g, u, d, max_grid_tokens, channels_per_program, original, warned))
+    for mlp, router, ffn in todo:
+        _swap_forward(mlp, lambda original, r=router, f=ffn: _make_prunepath_forward(
+            r, f, max_grid_tokens, prefill, original, warned))
     return model
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunegraph.analysis import analyze
 from prunegraph.errors import CaptureError, UnsupportedOpError
+from prunegraph.ir.analysis import analyze
 
 
 class _TinyLM(torch.nn.Module):
@@ -55,7 +55,7 @@ def test_op_without_rule_is_pinned_with_one_warning(caplog):
                                                                      "proj.weight"]}
     assert list(a.propagation.fallback) == ["prunegraph_test.reverse.default"]
     # inspect's table says how much stayed prunable and which op pinned what
-    from prunegraph.analysis.report import summary, table
+    from prunegraph.ir.analysis.report import summary, table
 
     text = table(a)
     assert "prunegraph_test.reverse.default (1 node): pins head.weight, proj.bias, proj.weight" in text
@@ -70,7 +70,7 @@ def test_strict_mode_names_op_node_module_and_fix():
 
 
 def test_registered_rule_makes_the_op_supported():
-    from prunegraph.analysis import registry
+    from prunegraph.ir.analysis import registry
 
     op = torch.ops.prunegraph_test.reverse.default
     try:
@@ -125,7 +125,7 @@ class _LengthGuarded(torch.nn.Module):
 
 
 def test_guarded_sequence_length_falls_back_to_automatic_dims(caplog):
-    from prunegraph.capture import capture
+    from prunegraph.ir.capture import capture
 
     with caplog.at_level("WARNING", logger="prunegraph"):
         graph = capture(_LengthGuarded(), {"input_ids": torch.randint(0, 16, (2, 5))})

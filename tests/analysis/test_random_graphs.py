@@ -14,13 +14,13 @@ import functools
 
 import pytest
 import torch
+from _random_graphs import BLOCKS, VOCAB, build, every_variant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _random_graphs import BLOCKS, VOCAB, build, every_variant
-from prunegraph.analysis import analyze
-from prunegraph.analysis.registry import rule_functions
-from prunegraph.groups import Group, Member
+from prunegraph.ir.analysis import analyze
+from prunegraph.ir.analysis.registry import rule_functions
+from prunegraph.ir.groups import Group, Member
 
 #: variants whose inner space must stay prunable (the op passes units through one to one)
 FREE = {
@@ -90,7 +90,7 @@ def assert_zeroing_equivalence(model, analysis, seed: int) -> None:
                                                  f"{units}: {s}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block_analysis(name: str):
     """One model holding every variant of block ``name`` (one export per block class)."""
     variants = [v for v in every_variant() if v.split(":")[0] == name]

@@ -29,7 +29,8 @@ def _reimport_kernels_if_decorated_without_interpreter() -> None:
     swiglu = sys.modules.get("prunegraph.targets.triton.swiglu")
     if swiglu is None or type(swiglu.swiglu_decode_tile).__name__ == "InterpretedFunction":
         return
-    for name in ("swiglu", "prunepath", "codegen", "runner"):
+    for name in ("swiglu", "prunepath_decode", "prunepath_prefill", "prunepath", "codegen",
+                 "runner"):
         full = f"prunegraph.targets.triton.{name}"
         if full in sys.modules:
             importlib.reload(sys.modules[full])

@@ -79,10 +79,13 @@ def test_source_is_standalone_and_readable(tmp_path, device):
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
     assert imported == {"os", "torch", "triton"}
-    # one set of kernels per distinct shape, shapes baked in, layers named in comments
-    assert src.count("def decode_h64_i61_f32(") == 1 and "def decode_h64_i37_f32(" in src
+    # one set of kernels per hidden width, one plan per distinct shape, layers named in comments
+    assert src.count("def gemv_gate_up_h64(") == 1 and src.count("def down_h64(") == 1
+    assert src.count("PLAN_h64_i61_f32 = (") == 1 and "PLAN_h64_i37_f32 = (" in src
     assert "# Used by: model.layers.0.mlp, model.layers.2.mlp" in src
     assert "H=64, I=61" in src and "Layer model.layers.1.mlp: H=64, I=37" in src
+    assert "not timed" in src  # no GPU: the deterministic default plan, and it says so
+    assert generate_source(shapes) == src
     # import it in a fresh interpreter that never loads prunegraph
     path = write_module(shapes, tmp_path / "gen_mlps.py")
     code = ("import importlib.util, sys, torch\n"
@@ -136,7 +139,7 @@ def _slice_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
 
 @pytest.fixture
 def pruned_llama(device):
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     model, _ = load_model("random:llama")
     model.eval()
@@ -199,7 +202,7 @@ def test_fallback_off_triton_devices_warns_once(tmp_path, pruned_llama, monkeypa
 def test_install_checks_every_path_before_changing_any(tmp_path, pruned_llama):
     model = pruned_llama
     good = write_module(mlp_shapes(model, MLP_PATHS), tmp_path / "good.py")
-    with pytest.raises(PreconditionError, match="gate_proj"):
+    with pytest.raises(PreconditionError, match="self_attn is not a gated MLP"):
         install_triton_mlps(model, ["model.layers.0.mlp", "model.layers.0.self_attn"], good)
     with pytest.raises(PreconditionError, match="no submodule"):
         install_triton_mlps(model, ["model.layers.9.mlp"], good)

@@ -13,7 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunegraph.targets.triton.swiglu import choose_blocks, swiglu, swiglu_reference
+from prunegraph.targets.triton.swiglu import (
+    TOKEN_BUCKETS,
+    bucket_index,
+    choose_configs,
+    swiglu,
+    swiglu_reference,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -41,7 +47,7 @@ def assert_matches(y, x, wg, wu, wd):
 
 
 @settings(max_examples=30, deadline=None)
-@given(H=st.integers(1, 96), I=st.integers(1, 96), T=st.sampled_from([1, 3]),
+@given(H=st.integers(1, 96), I=st.integers(1, 96), T=st.sampled_from([1, 3, 20]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_swiglu_matches_reference(device, H, I, T, dtype, seed):
     x, wg, wu, wd = make(T, H, I, dtype, device, seed)
@@ -49,12 +55,37 @@ def test_swiglu_matches_reference(device, H, I, T, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemm_path_single_token_and_large_token_block(device, dtype):
-    """T == 1 through the two-kernel path, and T above the small token block (16)."""
-    x, wg, wu, wd = make(1, 45, 77, dtype, device, 0)
-    assert_matches(swiglu(x, wg, wu, wd, fused_decode=False), x, wg, wu, wd)
-    x, wg, wu, wd = make(37, 45, 77, dtype, device, 1)
+def test_every_bucket_config_at_odd_widths(device, dtype):
+    """Each bucket's config (and every GEMM config at any token count, across several token
+    blocks) matches the reference at odd widths; one token runs the GEMV config."""
+    H, I = 45, 77
+    for k, cfg in enumerate(choose_configs(H, I, dtype)):
+        for T in ((1,) if cfg.kind == "gemv" else (1, 3, 37, 300)):
+            x, wg, wu, wd = make(T, H, I, dtype, device, 10 * k + T)
+            assert_matches(swiglu(x, wg, wu, wd, configs=cfg), x, wg, wu, wd)
+
+
+@pytest.mark.parametrize("T", [1, 16, 130, 300])
+def test_hopper_tiles_on_a_wider_odd_shape(device, T):
+    """The Hopper table (bf16; unshrunk GEMM tiles where the shape allows) over several blocks
+    in every direction: loop tails along H and I, token tails, grouped tile order."""
+    H, I = 160, 203
+    x, wg, wu, wd = make(T, H, I, torch.bfloat16, device, T)
+    cfg = choose_configs(H, I, torch.bfloat16, capability=(9, 0))[bucket_index(T)]
+    assert cfg.kind == ("gemv" if T == 1 else "gemm")
     assert_matches(swiglu(x, wg, wu, wd), x, wg, wu, wd)
+
+
+def test_gemv_config_takes_one_token(device):
+    x, wg, wu, wd = make(2, 16, 24, torch.float32, device, 0)
+    gemv = choose_configs(16, 24, torch.float32)[0]
+    with pytest.raises(ValueError, match="one token"):
+        swiglu(x, wg, wu, wd, configs=gemv)
+
+
+def test_empty_input(device):
+    x, wg, wu, wd = make(1, 16, 24, torch.float32, device, 0)
+    assert swiglu(x[:0], wg, wu, wd).shape == (0, 16)
 
 
 def test_leading_dims_and_strided_weights(device):
@@ -73,16 +104,23 @@ def test_shape_mismatch_is_an_error(device):
         swiglu(x, wg, wu, wd.t())
 
 
-@given(H=st.integers(1, 20000), I=st.integers(1, 60000),
-       dtype=st.sampled_from(DTYPES))
-def test_block_choice_is_legal(H, I, dtype):
-    """Blocks are powers of two, GEMM tiles >= 16 (tl.dot's minimum), and the decode block
-    wastes at most 1/8 of the channel range whenever a candidate allows it."""
-    b = choose_blocks(H, I, dtype)
-    for v in (b.decode_i, b.decode_h, b.tile_t_small, b.tile_t, b.tile_i, b.tile_h):
-        assert v & (v - 1) == 0
-    assert min(b.tile_t_small, b.tile_t, b.tile_i, b.tile_h) >= 16
-    assert b.decode_i in (16, 32, 64)
-    blocks = -(-I // b.decode_i)
-    if b.decode_i > 16:
-        assert blocks >= 64 and blocks * b.decode_i - I <= blocks * b.decode_i / 8
+@given(H=st.integers(1, 20000), I=st.integers(1, 60000), dtype=st.sampled_from(DTYPES),
+       capability=st.sampled_from([None, (8, 0), (9, 0), (10, 0)]))
+def test_config_choice_is_legal(H, I, dtype, capability):
+    """One config per bucket; one token takes the GEMV kernels, more tokens the GEMM kernels;
+    blocks are powers of two no larger than the (rounded-up) dimension, GEMM tiles >= 16
+    (tl.dot's minimum)."""
+    configs = choose_configs(H, I, dtype, capability)
+    assert len(configs) == len(TOKEN_BUCKETS) and TOKEN_BUCKETS[0][0] == 1
+    assert [c.kind for c in configs] == ["gemv"] + ["gemm"] * (len(TOKEN_BUCKETS) - 1)
+    for c in configs:
+        for v in (c.bt, c.bi, c.bh, c.dh, c.di, c.warps, c.dwarps, c.group):
+            assert v >= 1 and v & (v - 1) == 0
+        assert c.bi <= max(16, 2 * I) and c.di <= max(16, 2 * I)
+        assert c.bh <= max(16, 2 * H) and c.dh <= max(16, 2 * H)
+        if c.kind == "gemm":
+            assert min(c.bt, c.bi, c.bh, c.dh, c.di) >= 16
+    for (most, timed), k in zip(TOKEN_BUCKETS, range(len(TOKEN_BUCKETS))):
+        assert bucket_index(timed) == k
+        if most is not None:
+            assert bucket_index(most) == k and bucket_index(most + 1) == k + 1
