@@ -279,6 +279,21 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _command_line() -> str:
+    """How this run was started (niceness included), for the docs."""
+    import shlex
+
+    kept, skip = [], False
+    for a in sys.argv[1:]:  # --out and --doc name paths of this machine
+        if skip or a.startswith(("--out", "--doc")):
+            skip = a in ("--out", "--doc")
+            continue
+        kept.append(shlex.quote(a))
+    args = " ".join(kept)
+    nice = os.nice(0)
+    return (f"nice -n {nice} " if nice else "") + f"python benchmarks/arch_sweep.py {args}".strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", help="comma-separated model types (default: every causal-LM type)")
@@ -324,8 +339,7 @@ def main() -> None:
     meta = {"transformers": transformers.__version__, "torch": torch.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "minutes": (time.perf_counter() - start) / 60,
-            "command": "nice -n 10 python benchmarks/arch_sweep.py" + (
-                f" --types {args.types}" if args.types else "")}
+            "command": _command_line()}
     payload = {"meta": meta, "summary": summarise(results), "results": results}
     atomic_write_text(args.out, json.dumps(payload, indent=1))
     print(json.dumps(payload["summary"]))
