@@ -29,7 +29,9 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, EXPERTS, TOP_K, VOCAB = 2, 64, 4, 2, 4, 2, 256
 SIZES: dict[str, Any] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "n_embed", "dim", "embed_dim",
                      "word_embed_proj_dim", "model_dim", "embedding_size", "embedding_dim",
-                     "hidden_size_global"),
+                     "hidden_size_global",
+                     # a vision or audio adapter's widths must meet the text model's hidden size
+                     "adapter_in_dim", "adapter_out_dim", "adapter_input_size"),
                    HIDDEN),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
                      "encoder_attention_heads", "decoder_attention_heads",
@@ -88,7 +90,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                  n_output_layers=1),
     # its sliding-window layers use head_dim = qk_nope_head_dim + qk_rope_head_dim
     "dots3_note_text": dict(head_dim=2 * (HIDDEN // HEADS)),
-    "dots3_note": dict(adapter_in_dim=HIDDEN),
     # block-sparse attention needs sequences of 700+ tokens; below that the model rebuilds its
     # attention modules at run time from the config (dropping pruned widths)
     "big_bird": dict(attention_type="original_full"),
