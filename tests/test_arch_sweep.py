@@ -4,7 +4,8 @@ Each type goes through every stage a user meets: a tiny config derived from its 
 capture, analysis, a random plan whose sliced model must equal the gated one, save and reload.
 The subset covers the families the sweep found hard: a hybrid with short convolutions (depthwise causal
 conv), an encoder-decoder used as a causal LM (cross-attention parameters unused by the trace),
-stacked rotary halves, and an MoE routed through gather and scatter. A type missing from the
+stacked rotary halves, an MoE routed through gather and scatter, and a block shared by several
+layers (one tensor under several names: gated, sliced and saved under each). A type missing from the
 installed transformers is skipped, not failed: new releases add and rename types.
 """
 
@@ -20,7 +21,7 @@ from arch_sweep import STAGES, check, markdown, summarise  # noqa: E402
 
 from prunegraph.data.tiny_configs import causal_lm_types, tiny_config  # noqa: E402
 
-SUBSET = ["lfm2", "bart", "codegen", "afmoe"]
+SUBSET = ["lfm2", "bart", "codegen", "afmoe", "zamba"]
 
 
 @pytest.mark.parametrize("model_type", SUBSET)

@@ -160,6 +160,10 @@ def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str]
     """Refuse to save a model whose shapes are not the plan applied to its base model
     (parameters in ``skip``, such as PrunePath routers, are added on top of the plan)."""
     want = plan.sliced_shapes({n: tuple(s) for n, s in plan.fingerprint["params"].items()})
+    for names in tied_names(model):  # a tensor held under several names (a shared block)
+        for alias in names[1:]:
+            if names[0] in want and alias in want:
+                want[alias] = want[names[0]]
     got = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
            if n not in skip}
     if want != got:
