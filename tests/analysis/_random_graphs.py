@@ -56,7 +56,8 @@ class Act(_Block):
     """up -> an activation (exact rules and the pointwise family) -> down."""
 
     VARIANTS = ("silu", "gelu", "relu", "tanh", "sigmoid", "square", "softplus", "abs",
-                "expclamp", "sin", "erf", "hardswish", "mish", "log1pabs", "glu", "prelu")
+                "expclamp", "sin", "erf", "hardswish", "mish", "log1pabs", "glu", "prelu",
+                "logsigmoid", "multiply", "where")
 
     def __init__(self, hidden, rng, kind=None):
         super().__init__(hidden, rng, kind)
@@ -77,6 +78,12 @@ class Act(_Block):
             h = torch.exp(h.clamp(max=2.0))
         elif a == "log1pabs":
             h = torch.log1p(h.abs())
+        elif a == "logsigmoid":
+            h = F.logsigmoid(h)
+        elif a == "multiply":
+            h = torch.multiply(h, torch.sigmoid(h))
+        elif a == "where":
+            h = torch.where(h > 0, h, 0.5)
         elif a in ("softplus", "hardswish", "mish", "silu", "gelu", "relu"):
             h = getattr(F, a)(h)
         else:
@@ -104,13 +111,16 @@ class Glu(_Block):
 class CatTwo(_Block):
     """Two projections concatenated (cat defines a segmented space), then one down."""
 
+    VARIANTS = ("cat", "concatenate")
+
     def __init__(self, hidden, rng, kind=None):
         super().__init__(hidden, rng, kind)
         self.a, self.b = nn.Linear(hidden, _inner(rng)), nn.Linear(hidden, _inner(rng))
         self.down = nn.Linear(self.a.out_features + self.b.out_features, hidden)
 
     def forward(self, x):
-        return self.down(torch.cat([torch.relu(self.a(x)), self.b(x) * 2.0], -1))
+        cat = torch.concatenate if self.kind == "concatenate" else torch.cat
+        return self.down(cat([torch.relu(self.a(x)), self.b(x) * 2.0], -1))
 
 
 # ---- what must pin: scans, sorts, reductions, softmax, permutations, padding ------------------

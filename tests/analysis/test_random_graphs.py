@@ -24,7 +24,8 @@ from prunegraph.ir.groups import Group, Member
 
 #: variants whose inner space must stay prunable (the op passes units through one to one)
 FREE = {
-    *(f"Act:{k}" for k in BLOCKS["Act"].VARIANTS), "Glu:split", "Glu:chunk", "CatTwo",
+    *(f"Act:{k}" for k in BLOCKS["Act"].VARIANTS), "Glu:split", "Glu:chunk", "CatTwo:cat",
+    "CatTwo:concatenate",
     "ScanTokens", "IndexChannels:narrow", "IndexChannels:slice_scatter", "ViewsAs", "Factories",
     *(f"IndexTokens:{k}" for k in BLOCKS["IndexTokens"].VARIANTS),
     *(f"EinsumBmm:{k}" for k in BLOCKS["EinsumBmm"].VARIANTS),

@@ -69,6 +69,9 @@ def _is_tensor(ctx: RuleContext, a) -> bool:
     return ctx.value(a) is not None
 
 
+_PRODUCTS = (aten.mul.Tensor, aten.mul_.Tensor, aten.multiply.Tensor)
+
+
 @rule(aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.div_.Tensor,
       aten.mul_.Tensor, aten.add_.Tensor, aten.where.self, aten.maximum.default,
       aten.minimum.default, aten.eq.Tensor, aten.ne.Tensor, aten.gt.Tensor, aten.lt.Tensor,
@@ -78,7 +81,10 @@ def _is_tensor(ctx: RuleContext, a) -> bool:
       aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Tensor, aten.masked_fill.Scalar,
       aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.copy_.default,
       aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.rsub.Scalar, operator.mul,
-      operator.add, operator.sub, operator.truediv, operator.floordiv)
+      operator.add, operator.sub, operator.truediv, operator.floordiv,
+      # aliases and forms PyTorch does not tag pointwise
+      aten.multiply.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar,
+      aten.log_sigmoid.default)
 def _broadcast(ctx: RuleContext) -> Value:
     """Elementwise with broadcasting: equal dims unify, size-1 dims broadcast."""
     shape = ctx.meta_shape()
@@ -101,7 +107,7 @@ def _broadcast(ctx: RuleContext) -> Value:
         # a 1-D parameter multiplying / adding along a dim is a norm weight / bias
         for d in range(len(in_shape)):
             if v.origins[d] is not None:
-                role = "norm" if ctx.node.target in (aten.mul.Tensor, aten.mul_.Tensor) else "bias"
+                role = "norm" if ctx.node.target in _PRODUCTS else "bias"
                 ctx.use(v, d, role)
     atoms = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
     # arithmetic on index tensors no longer names the same entries: drop the value space; a
@@ -560,7 +566,7 @@ def _split(ctx: RuleContext):
     return tuple(results)
 
 
-@rule(aten.cat.default, aten.concat.default)
+@rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
 def _cat(ctx: RuleContext) -> Value:
     tensors = ctx.arg(0)
     shape = ctx.meta_shape()
