@@ -43,9 +43,16 @@ DOC_HEADING = "## Architecture sweep"
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
+    text = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     first = text[0] if text else ""
+    if first.endswith(":") and len(text) > 1:  # "validation error for ...:" says why next
+        first += " " + text[1]
     return f"{type(e).__name__}: {first}"[:limit]
+
+
+def _reason(r: dict) -> str:
+    """A failure's reason for the table: a capture error up to its list of attempts."""
+    return r.get("error", "").split(" Tried: ")[0].replace("|", "\\|").replace("\n", " ")
 
 
 def _logits(model, ids):
@@ -283,8 +290,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         for r in sorted(failing, key=lambda r: (STAGES.index(r["stage_failed"])
                                                 if r.get("stage_failed") in STAGES else -1,
                                                 r["type"])):
-            reason = r.get("error", "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['type']} | {r.get('stage_failed', '?')} | {reason} |")
+            lines.append(f"| {r['type']} | {r.get('stage_failed', '?')} | {_reason(r)} |")
         lines.append("")
     pinned = [r for r in results if r.get("fallback_ops")]
     if pinned:
@@ -322,11 +328,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "arch_sweep.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "arch-sweep.md"))
     parser.add_argument("--no-doc", action="store_true", help="write the JSON only")
+    parser.add_argument("--doc-from", metavar="JSON",
+                        help="rewrite the docs section from a finished run's JSON (runs nothing)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the types already in OUT.partial.jsonl from an interrupted run")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(check(args.one)), flush=True)
+        return
+    if args.doc_from:
+        payload = json.loads(Path(args.doc_from).read_text())
+        _write_doc(Path(args.doc), payload["results"], payload["meta"])
         return
 
     import torch
@@ -363,14 +375,19 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(payload, indent=1))
     print(json.dumps(payload["summary"]))
     if not args.no_doc:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _docs import replace_section
+        _write_doc(Path(args.doc), results, meta)
 
-        doc = Path(args.doc)
-        if not doc.exists():
-            atomic_write_text(doc, "# Architecture sweep\n\nWhat `benchmarks/arch_sweep.py` "
-                                   "measured (rewritten by each full run).\n")
-        replace_section(doc, DOC_HEADING, markdown(results, meta))
+
+def _write_doc(doc: Path, results: list[dict], meta: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _docs import replace_section
+
+    from prunegraph.pipeline.runfolder import atomic_write_text
+
+    if not doc.exists():
+        atomic_write_text(doc, "# Architecture sweep\n\nWhat `benchmarks/arch_sweep.py` "
+                               "measured (rewritten by each full run).\n")
+    replace_section(doc, DOC_HEADING, markdown(results, meta))
 
 
 if __name__ == "__main__":
