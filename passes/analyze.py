@@ -23,6 +23,7 @@ class Analyze(Pass):
     name = "Analyze"
     requires = ("model",)
     provides = ("graph", "analysis", "groups")
+    runs_on_meta = True  # capture and analysis read shapes only
 
     def run(self, state: State) -> PassResult:
         analysis = analyze(state.model)

@@ -6,7 +6,7 @@ A spec file is a small typed top level plus the ordered pass list::
     device: auto               # optional: the Load's device (auto = the GPU when there is one)
     seed: 0                    # seeds Python, NumPy and torch before the first pass
     passes:
-      - Capture                # a bare name: every parameter at its default
+      - Analyze                # a bare name: every parameter at its default
       - Prune: {criterion: wanda, sparsity: 0.2}
 
 ``load_spec(path_or_dict, overrides=[...])`` returns a :class:`Spec`. Overrides are
@@ -157,7 +157,8 @@ class Spec:
         return "\n".join(head) + "\n" + self.pipeline.describe()
 
     def run(self, run_dir: Any = None, *, overwrite: bool = False, progress: bool = True,
-            checks: bool | None = None, state: State | None = None) -> State:
+            checks: bool | None = None, state: State | None = None,
+            command: str | None = None) -> State:
         """Run from ``state`` (empty by default; it must hold the spec's ``initial`` keys),
         writing the run folder ``run_dir`` when given."""
         state = State() if state is None else state
@@ -173,7 +174,7 @@ class Spec:
             folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir,
                                                                               overwrite=overwrite)
         return self.pipeline.run(state, run_dir=folder, progress=progress, checks=checks,
-                                 seed=self.seed, spec=self.to_dict())
+                                 seed=self.seed, spec=self.to_dict(), command=command)
 
 
 def load_spec(source: str | os.PathLike | dict[str, Any], overrides: list[str] | tuple = (),
@@ -226,6 +227,13 @@ def _entry_name(entry: Any) -> str | None:
         return None
 
 
+def _passes_with_param(names: list[str | None], param: str) -> list[str]:
+    """The passes of the spec (once each) that have a parameter ``param``."""
+    passes = registered_passes()
+    return [n for n in dict.fromkeys(names)
+            if n in passes and param in {f.name for f in passes[n].param_fields()}]
+
+
 def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str | None = None
                     ) -> Any:
     """Apply ``key=value`` overrides (see the module docstring) to a copy of the raw spec."""
@@ -269,8 +277,11 @@ def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str 
                                     f"spec; add it to `passes` first")
                 candidates = ([n for n in names if n] + [k for k in TOP_LEVEL_KEYS if k != "passes"]
                               + list(registered_passes()))
+                owners = _passes_with_param(names, parts[0]) if len(parts) == 1 else []
+                hint = (f" Did you mean {' or '.join(f'{n}.{parts[0]}' for n in owners)}?"
+                        if owners else nearest(parts[0], candidates))
                 raise SpecError(f"--set {item!r}: {prefix}no pass or top-level key "
-                                f"{parts[0]!r} in the spec.{nearest(parts[0], candidates)}")
+                                f"{parts[0]!r} in the spec.{hint}")
             if len(hits) > 1:
                 raise SpecError(
                     f"--set {item!r}: pass {parts[0]} appears at indices "
