@@ -82,6 +82,27 @@ class Gate(Pass):
         if self.lr is not None and self.lr <= 0:
             raise SpecError(f"pass Gate: lr must be > 0, got {self.lr}")
 
+    @classmethod
+    def parameter_help(cls, full: bool) -> list[str]:
+        """The registered gate families (with their options when ``full``), for ``prunegraph
+        passes``."""
+        from prunegraph.passes.gates import FAMILIES
+
+        lines = [f"family is one of {', '.join(sorted(FAMILIES))}"
+                 + ("" if full else "; `prunegraph passes Gate` lists their options")]
+        if full:
+            for name in sorted(FAMILIES):
+                family = FAMILIES[name]
+                doc = (inspect.getdoc(family) or "").split("\n\n")[0].replace("\n", " ")
+                options = inspect.signature(family.__init__).parameters
+                shown = [f"{k}={v.default!r}" for k, v in options.items()
+                         if v.kind == v.KEYWORD_ONLY and k in _family_options(family)
+                         and k not in ("budget", "scope", "kinds", "lr", "seed")]
+                lines.append(f"  {name}: {doc}".rstrip(": "))
+                if shown:
+                    lines.append(f"      options: {', '.join(shown)}")
+        return lines
+
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.gating import apply_gates
 
