@@ -173,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PRUNEGRAPH_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"prunegraph {args.command}: error: {describe_exception(e)}", file=sys.stderr)
-        if not isinstance(e, OSError):
+        if not isinstance(e, (OSError, ImportError)):
             print("  (unexpected: set PRUNEGRAPH_TRACEBACK=1 for the traceback and report it "
                   "if it looks like a bug)", file=sys.stderr)
         return 1
 
 
 def describe_exception(e: BaseException) -> str:
-    """One line for an exception: an OSError as "reason: path", others as "Type: first line"."""
+    """One line for an exception: a missing optional package with its install command, an
+    OSError as "reason: path", others as "Type: first line"."""
+    from prunegraph.errors import missing_extra
+
+    hint = missing_extra(e)
+    if hint:
+        return hint
     if isinstance(e, OSError) and e.strerror:
         where = f": {e.filename}" if e.filename else ""
         return f"{e.strerror}{where}"

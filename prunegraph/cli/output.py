@@ -6,15 +6,16 @@ and no third-party warnings that mean nothing to the user.
   a :class:`PlainProgress` stream in front of it: a bar's redraws become at most one plain line
   every ``PRUNEGRAPH_PROGRESS_SECONDS`` seconds (default 30) plus its last state, and all other
   text passes through unchanged.
-* **Warnings.** :data:`QUIET_WARNINGS` lists warnings raised inside torch, onnxscript and
-  transformers that a user cannot act on (torchvision op registrations during ONNX export, the
-  exporter's own deprecation notices). They are silenced for the command only; everything else
-  is shown.
+* **Warnings.** :data:`QUIET_WARNINGS` and :data:`QUIET_LOGGERS` list warnings raised inside
+  torch and onnxscript that a user cannot act on (the ONNX exporter's torchvision registration
+  messages and deprecation notices, torch pytree's FutureWarning). They are silenced for the
+  command only; everything else is shown.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import sys
@@ -27,11 +28,19 @@ __all__ = ["user_facing_output", "PlainProgress", "QUIET_WARNINGS"]
 
 #: ``(category, message regex, module regex)`` of third-party warnings that mean nothing to a user.
 QUIET_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (UserWarning, r".*torchvision.*", r".*"),  # onnxscript registers torchvision ops on import
     (FutureWarning, r".*", r"(torch\.onnx|onnxscript|onnx_ir).*"),
     (DeprecationWarning, r".*", r"(torch\.onnx|onnxscript|onnx_ir).*"),
+    # torch's pytree, raised inside torch.export / the ONNX exporter (reported from copyreg)
+    (FutureWarning, r".*treespec.*LeafSpec.*|.*LeafSpec.*deprecated.*", r".*"),
     (UserWarning, r".*TypedStorage is deprecated.*", r".*"),
 )
+
+#: Loggers of third-party libraries whose warnings mean nothing to a user, and the level they
+#: are raised to: the ONNX exporter logs one warning per torchvision op when torchvision is not
+#: installed (prunegraph never needs it).
+QUIET_LOGGERS: dict[str, int] = {
+    "torch.onnx._internal.exporter._registration": logging.ERROR,
+}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -106,11 +115,20 @@ class PlainProgress(io.TextIOBase):
 
 @contextmanager
 def quiet_third_party_warnings() -> Iterator[None]:
-    """Silence :data:`QUIET_WARNINGS` inside the block."""
-    with warnings.catch_warnings():
-        for category, message, module in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category, module=module)
-        yield
+    """Silence :data:`QUIET_WARNINGS` and :data:`QUIET_LOGGERS` inside the block."""
+    loggers = {name: logging.getLogger(name) for name in QUIET_LOGGERS}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    for name, lg in loggers.items():
+        lg.setLevel(max(QUIET_LOGGERS[name], lg.level))
+    try:
+        with warnings.catch_warnings():
+            for category, message, module in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category,
+                                        module=module)
+            yield
+    finally:
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
 
 
 @contextmanager

@@ -328,7 +328,11 @@ class Pass:
         except PrunegraphError:
             raise
         except Exception as e:
-            raise PassError(f"pass {self.pass_name()} failed: {type(e).__name__}: {e}") from e
+            from prunegraph.errors import missing_extra
+
+            hint = missing_extra(e)
+            raise PassError(f"pass {self.pass_name()} failed: "
+                            + (hint or f"{type(e).__name__}: {e}")) from e
         if not isinstance(result, PassResult):
             raise PostconditionError(
                 f"pass {self.pass_name()}.run returned {type(result).__name__}, expected "
