@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrunegraphError as e:
         print(f"prunegraph {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"prunegraph {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a run says where it was interrupted
+        print(f"prunegraph {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as e:  # one line, not a traceback; PRUNEGRAPH_TRACEBACK=1 for the full one
         if os.environ.get("PRUNEGRAPH_TRACEBACK", "") not in ("", "0"):

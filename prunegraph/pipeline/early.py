@@ -40,17 +40,18 @@ def _touches(p: Pass, keys: set[str]) -> bool:
     return bool(keys & (set(p.provides) | set(p.may_provide) | set(p.invalidates)))
 
 
-def early_schedule(passes: Sequence[Pass]) -> dict[int, list[int]]:
+def early_schedule(passes: Sequence[Pass], adjacent: bool = False) -> dict[int, list[int]]:
     """``position -> indices of the passes whose early check runs after the pass at position``
     (``-1``: before the first pass). A check that could only run right before its own pass is
-    left out: the pass checks itself then."""
+    left out (the pass checks itself then) unless ``adjacent``: a meta-device preflight can
+    still run it before the model loads."""
     out: dict[int, list[int]] = {}
     for j, p in enumerate(passes):
         needs = set(p.early_needs)
         if not needs:
             continue
         k = next((i for i in range(j - 1, -1, -1) if _touches(passes[i], needs)), -1)
-        if k < j - 1:
+        if k < j - 1 or adjacent:
             out.setdefault(k, []).append(j)
     return out
 

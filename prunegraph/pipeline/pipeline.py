@@ -316,8 +316,9 @@ class Pipeline:
         if checks is None:
             checks = os.environ.get("PRUNEGRAPH_CHECKS", "") not in ("", "0", "false")
         schedule = early_schedule(self.passes)
-        for k in meta_preflight(self.passes, schedule, progress):
-            schedule.pop(k)
+        for k in meta_preflight(self.passes, early_schedule(self.passes, adjacent=True),
+                                progress):
+            schedule.pop(k, None)
         folder = None
         if run_dir is not None:
             folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
@@ -401,7 +402,8 @@ class Pipeline:
                 f"the model saved earlier is in {saved}" if saved else "nothing was saved")
             state.metrics["error"] = message
             _LOG.error("%s", message)
-            raise KeyboardInterrupt(message + finish("interrupted")) from None
+            note = finish("interrupted")
+            raise KeyboardInterrupt(f"{message}.{note}" if note else message) from None
         except Exception as e:
             at = f"pass {i} ({p.pass_name()})" if p is not None else "the start"
             if isinstance(e, EarlyCheckError):
