@@ -140,7 +140,8 @@ input {{ padding: 4px; width: 30em; margin: 1em 0; }}
 {s['fixed_params']:,} fixed ({100 * s['prunable_params'] / max(1, s['total_params']):.1f}% prunable).</p>
 <ul>{kinds}</ul>
 <input id="filter" placeholder="filter groups (name or kind)..." oninput="render()">
-<p>Bars: parameters per group, scaled to the largest prunable group (pinned groups larger than that are drawn capped and hatched).</p>
+<p>Bars: parameters per group, scaled to the largest prunable group (pinned groups larger
+than that are drawn capped and hatched).</p>
 <table><thead><tr><th>group</th><th>kind</th><th>size</th><th>params / unit</th><th>params</th>
 <th>constraints</th></tr></thead><tbody id="rows"></tbody></table>
 <script>
