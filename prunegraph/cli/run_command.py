@@ -106,6 +106,9 @@ def describe_pass(cls: type[Pass], full: bool = False) -> str:
                      f"({'; '.join(sorted(set(cls.invalidates.values())))})")
     if cls.guarantees:
         lines.append(f"    checked: {', '.join(cls.guarantees)} (with --checks)")
+    if cls.early_needs:
+        lines.append(f"    checked early: as soon as the state holds {', '.join(cls.early_needs)} "
+                     f"(before the heavy passes in between)")
     if full:
         keys = declared_keys()
         for key in dict.fromkeys((*cls.requires, *cls.provides, *cls.may_provide)):
