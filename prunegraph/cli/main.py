@@ -100,13 +100,14 @@ def _declared_help(module: str, name: str) -> str:
     """The help string of ``@command(name, help, ...)`` in ``module``'s source, read without
     importing the module or its packages (which would import torch)."""
     import ast
+    from pathlib import Path
 
     origin = _module_origin(module)
     fallback = f"(from {module}; prunegraph {name} --help)"
     if origin is None:
         return fallback
     try:
-        tree = ast.parse(open(origin, encoding="utf-8").read())
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
     except (OSError, SyntaxError, ValueError):
         return fallback
     for node in ast.walk(tree):
