@@ -52,12 +52,13 @@ from torch import nn
 
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
 from prunegraph.ir.groups import Group
-from prunegraph.passes._moves import GroupMoves, build_moves
+from prunegraph.passes._moves import GroupMoves, _is_gqa, build_moves
 from prunegraph.passes._param_space import ParamSpace, param_space, removed_params
 from prunegraph.plan.plan import routing_top_k
 
 __all__ = [
     "STRATEGIES", "Allocation", "allocate", "check_budget", "check_sparsity", "max_removable",
+    "check_round_to", "rounding_blocked",
 ]
 
 STRATEGIES = ("global", "uniform")
@@ -140,6 +141,7 @@ def check_budget(groups: Iterable[Group], sparsity: float, model: nn.Module,
     """
     value = check_sparsity(sparsity)
     groups = list(groups)
+    check_round_to(groups, round_to)
     most, total = max_removable(groups, model, scope, strategy, round_to)
     if total == 0:
         raise BudgetError(f"scope '{scope}' holds no parameters; use scope='all'")
@@ -151,6 +153,56 @@ def check_budget(groups: Iterable[Group], sparsity: float, model: nn.Module,
             f"is {most / total:.4f}. Lower the sparsity, use scope='all', or unpin groups."
         )
     return value
+
+
+def rounding_blocked(groups: Iterable[Group], round_to: int) -> tuple[list[Group], list[Group]]:
+    """``(groups round_to applies to, those it leaves no smaller size for)``.
+
+    ``round_to`` applies to channel-like groups (not heads, whose ``head_dim`` is the width, nor
+    experts). A group is blocked when no multiple of it lies between its minimum and its size:
+    it can then only be kept whole.
+    """
+    applies, blocked = [], []
+    for g in groups:
+        if not g.prunable or g.kind == "experts" or _is_gqa(g):
+            continue
+        applies.append(g)
+        r = max(g.constraints.round_to, int(round_to))
+        if (g.size - 1) // r * r < max(g.constraints.min_units, 1):
+            blocked.append(g)
+    return applies, blocked
+
+
+def check_round_to(groups: Iterable[Group], round_to: int) -> list[Group]:
+    """Refuse a ``round_to`` that no group it applies to can honour (the whole budget would
+    silently move to the other kinds); return the groups it blocks when only some are.
+
+    Raises:
+        BudgetError: every group ``round_to`` applies to would be kept whole.
+    """
+    if int(round_to) <= 1:
+        return []
+    applies, blocked = rounding_blocked(groups, round_to)
+    if applies and len(blocked) == len(applies):
+        sizes = sorted({g.size for g in blocked})
+        raise BudgetError(
+            f"round_to={round_to} leaves no smaller size for any of the {len(blocked)} groups it "
+            f"applies to ({_names(blocked)}; sizes {', '.join(map(str, sizes))}): they would all "
+            f"be kept whole and the whole budget taken from the other kinds (heads, experts). "
+            f"Use a round_to well below the widths, e.g. {_suggest(sizes[0])}")
+    return blocked
+
+
+def _names(groups: list[Group], n: int = 3) -> str:
+    names = [g.name for g in groups[:n]]
+    return ", ".join(names) + (f" and {len(groups) - n} more" if len(groups) > n else "")
+
+
+def _suggest(size: int) -> int:
+    r = 1
+    while r * 2 <= max(size // 8, 1):
+        r *= 2
+    return r
 
 
 def allocate(groups: Iterable[Group], scores: Mapping[str, torch.Tensor], sparsity: float, *,

@@ -24,6 +24,7 @@ class Analyze(Pass):
     name = "Analyze"
     requires = ("model",)
     provides = ("graph", "analysis", "groups")
+    runs_on_meta = True  # capture and analysis read shapes only
 
     def run(self, state: State) -> PassResult:
         if distributed.active():  # once, on rank 0: every rank gets the same groups

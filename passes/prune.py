@@ -17,8 +17,11 @@ in-memory ones::
     Pipeline([Load("/models/qwen3-32b", device="meta"), Analyze(),
               Prune(criterion="wanda", sparsity=0.2, sequential=True)])
 
-The budget is checked before anything is loaded or run: a sparsity outside (0, 1) or above what
-the constraints allow raises :class:`~prunegraph.errors.BudgetError` with the achievable maximum.
+The budget is checked before the heavy work: a sparsity outside (0, 1) when the pass is built,
+one above what the constraints allow (or a ``round_to`` no group can honour) right after
+``Analyze`` (:meth:`Prune.check_early`; before the model loads when a meta-device analysis can
+tell, see :mod:`prunegraph.pipeline.early`), as a :class:`~prunegraph.errors.BudgetError` with the
+achievable maximum.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prunegraph.errors import SpecError
-from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
+from prunegraph.errors import BudgetError, SpecError
+from prunegraph.passes.allocate import allocate, check_budget, check_round_to, check_sparsity
 from prunegraph.passes.importance import score_groups
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
@@ -44,6 +47,7 @@ class Prune(Pass):
     name = "Prune"
     requires = ("model", "tokenizer", "groups")
     provides = ("plan",)
+    early_needs = ("model", "groups")  # the budget is checked right after Analyze
 
     criterion: Literal["magnitude", "wanda", "taylor"] = "wanda"
     sparsity: float = 0.2
@@ -60,7 +64,10 @@ class Prune(Pass):
     offload: Literal["cpu", "disk"] = "cpu"
 
     def validate(self) -> None:
-        check_sparsity(self.sparsity)
+        try:
+            check_sparsity(self.sparsity)
+        except BudgetError as e:
+            raise BudgetError(f"pass Prune: {e}") from None
         for key, low in (("calib_blocks", 1), ("block_len", 2), ("round_to", 1),
                          ("batch_size", 1)):
             if getattr(self, key) < low:
@@ -78,11 +85,21 @@ class Prune(Pass):
                             f"none; set Prune.weights to the model's Hugging Face folder")
         return str(folder)
 
+    def check_early(self, state: State) -> None:
+        """The budget and the rounding fit the groups (before calibration or any other work)."""
+        check_budget(list(state.groups), self.sparsity, state.model, self.scope, self.strategy,
+                     self.round_to)
+
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.plan import Plan
 
         model, groups = state.model, list(state.groups)
         check_budget(groups, self.sparsity, model, self.scope, self.strategy, self.round_to)
+        blocked = check_round_to(groups, self.round_to)
+        if blocked:
+            state.log.warning("Prune: round_to=%d leaves no smaller size for %d groups (%s); "
+                              "they are kept whole", self.round_to, len(blocked),
+                              ", ".join(g.name for g in blocked[:5]))
         blocks = None
         if self.criterion != "magnitude":
             if state.tokenizer is None:
