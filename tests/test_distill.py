@@ -17,8 +17,8 @@ from prunegraph.data.blocks import text_blocks
 from prunegraph.data.models import load_model
 from prunegraph.errors import SpecError
 from prunegraph.passes import Distill, Prune, Slice
-from prunegraph.passes.distill.losses import hidden_loss, matching_layers
 from prunegraph.passes.distill.lora import add_lora, lora_parameters, merge_lora
+from prunegraph.passes.distill.losses import hidden_loss, matching_layers
 from prunegraph.passes.train import TrainingHalted, kd_loss
 from prunegraph.pipeline import Load
 from prunegraph.pipeline.contract import State

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.passes.distill.losses import hidden_loss, matching_layers
+from prunegraph.passes.distill.losses import hidden_loss
 from prunegraph.pipeline.contract import State
 
 __all__ = ["DistillObjective"]
