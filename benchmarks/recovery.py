@@ -94,7 +94,7 @@ BUDGETS = {
                    ddp_batch=2, ddp_block=32, distill_steps=3, distill_batch=2,
                    distill_block=32, distill_warmup=1, ppl_blocks=1, seq_len=64, limit=4,
                    gen_prompts=2, gen_tokens=4),
-    "cpu": Budget(ddp_steps=40, ddp_polish=10, distill_steps=40, ppl_blocks=4, limit=50,
+    "cpu": Budget(ddp_steps=30, ddp_polish=10, distill_steps=30, ppl_blocks=4, limit=40,
                   gen_prompts=4),
     "gpu": Budget(calib_len=512, ddp_steps=500, ddp_polish=100, ddp_batch=8, ddp_block=512,
                   distill_steps=1000, distill_batch=16, distill_block=1024, distill_warmup=50,
@@ -117,6 +117,21 @@ def tiny_model(folder: Path) -> str:
                          head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def dense_folder(spec: str, folder: Path) -> str:
+    """The dense model saved once as a HF folder (safetensors), so that each Distill reloads
+    its teacher in a second instead of dequantising the GGUF file again."""
+    from prunegraph.data.models import load_model
+
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(spec)
+    plain = AutoModelForCausalLM.from_config(model.config)  # GGUF-loaded models refuse to save
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -165,14 +180,16 @@ def distill(state: State, mode: str, b: Budget) -> dict[str, Any]:
 
 def run(args, b: Budget) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "budget": args.budget, "settings": b.__dict__, "torch": torch.__version__,
+        "budget": args.budget, "command": args.command, "complete": False,
+        "settings": b.__dict__, "torch": torch.__version__,
         "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                    else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
                         f"{torch.get_num_threads()} threads"),
         "load_average_start": os.getloadavg()[0], "runs": {}}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = tiny_model(Path(tmp) / "tiny") if b.model == "tiny" else b.model
+        spec = (tiny_model(Path(tmp) / "tiny") if b.model == "tiny"
+                else dense_folder(b.model, Path(tmp) / "dense"))
         base = Load(spec)(State()).state
         if args.groups:
             from prunegraph.ir.groups import Group
@@ -197,6 +214,7 @@ def run(args, b: Budget) -> dict[str, Any]:
                     rows[method] = {**info, **evaluate(state, f"{method}@{sparsity}", b),
                                     "tokens": info["prune_tokens"]}
                     print(sparsity, method, rows[method], flush=True)
+                    save(results, args, t0)
                 sliced = state.model
                 for mode in (r for r in args.recoveries if r != "none"):
                     state.model = copy.deepcopy(sliced)
@@ -205,12 +223,23 @@ def run(args, b: Budget) -> dict[str, Any]:
                     rows[name] = {**info, **rec, **evaluate(state, f"{name}@{sparsity}", b),
                                   "tokens": info["prune_tokens"] + rec["distill_tokens"]}
                     print(sparsity, name, rows[name], flush=True)
-                    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+                    save(results, args, t0)
                 del state, sliced
-                atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+                save(results, args, t0)
+    results["complete"] = True
+    save(results, args, t0)
+    return results
+
+
+def save(results: dict[str, Any], args, t0: float) -> None:
+    """Write the JSON and the docs section as they stand (a long run shows its rows as they
+    come, and an interrupted one keeps them)."""
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["load_average_end"] = os.getloadavg()[0]
-    return results
+    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    if args.docs:
+        replace_section(Path(args.docs), SECTION.format(budget=results["budget"].upper()),
+                        markdown(results))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -221,8 +250,9 @@ def markdown(results: dict[str, Any]) -> str:
     for part in budgets:
         lines.append("```\n" + part["command"] + "\n```")
     gpu = results["budget"] == "gpu"
+    done = "" if results.get("complete", True) else " (interrupted: the rows so far)"
     lines += ["", f"Budget `{results['budget']}` on {results['device']} (torch "
-              f"{results['torch']}), {results['seconds']:.0f} s in all"
+              f"{results['torch']}), {results['seconds']:.0f} s in all{done}"
               + ("" if gpu else f"; load average {results['load_average_start']:.1f} at the "
                  f"start, {results['load_average_end']:.1f} at the end (a shared machine: read "
                  f"the ratios, not the times)") + ".",
@@ -264,6 +294,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if p["budget"] != first["budget"] or p["settings"] != first["settings"]:
             raise SystemExit("cannot merge parts run with other budgets or settings")
     out = {**first, "runs": {}, "parts": [{"command": p["command"]} for p in parts],
+           "complete": all(p.get("complete", True) for p in parts),
            "seconds": sum(p["seconds"] for p in parts),
            "load_average_end": parts[-1]["load_average_end"]}
     for p in parts:
@@ -295,8 +326,8 @@ def main() -> None:
         b = BUDGETS[args.budget]
         if args.distill_steps is not None:
             b = replace(b, distill_steps=args.distill_steps)
+        args.command = command
         results = run(args, b)
-        results["command"] = command
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     print(table)

@@ -212,3 +212,16 @@ def test_spec_form_nests_the_training_settings():
     params = d.params()
     assert params["train"]["steps"] == 7 and params["train"]["warmup"] == 10
     assert Distill.from_params(params) == d
+
+
+def test_the_shipped_distill_example_resolves():
+    from pathlib import Path
+
+    from prunegraph.pipeline.spec import load_spec
+
+    root = Path(__file__).resolve().parent.parent
+    spec = load_spec(root / "examples" / "distill-smollm2.yaml")
+    names = [p.pass_name() for p in spec.pipeline.passes]
+    assert names.index("Slice") < names.index("Distill") < names.index("Save")
+    distill_pass = spec.pipeline.passes[names.index("Distill")]
+    assert distill_pass.train.steps > 0 and distill_pass.mode == "full"

@@ -147,15 +147,15 @@ class Distill(Pass):
         teacher = load_teacher(state, spec, dtype, teacher_device)
         try:
             layers = self._check_widths(model, teacher, device, teacher_device)
-            stats = self._train(state, teacher, layers)
+            stats = self._train(state, teacher, layers, spec)
         finally:
             del teacher
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         record = {"mode": self.mode, "teacher": spec, "teacher_device": str(teacher_device),
-                  "lr": self.learning_rate, **stats,
-                  "seconds": round(time.perf_counter() - start, 1)}
+                  "lr": self.learning_rate, **stats, "train_seconds": stats["seconds"],
+                  "seconds": round(time.perf_counter() - start, 1)}  # teacher loading included
         state.metrics["distill"] = record
         state.log.info("Distill (%s): KL %.4f -> %.4f over %d steps (%d tokens)", self.mode,
                        record.get("kl_first") or 0.0, record.get("kl_last") or 0.0,
@@ -183,7 +183,8 @@ class Distill(Pass):
                             "removed hidden channels or layers); set hidden_weight: 0")
         return layers
 
-    def _train(self, state: State, teacher: nn.Module, layers: list[int]) -> dict[str, Any]:
+    def _train(self, state: State, teacher: nn.Module, layers: list[int], spec: str
+               ) -> dict[str, Any]:
         """One run of the loop; LoRA adapters are merged and every ``requires_grad`` flag is
         given back afterwards."""
         model = state.model
@@ -200,7 +201,8 @@ class Distill(Pass):
         objective = DistillObjective(
             model, teacher, params, lr=self.learning_rate, weight_decay=self.weight_decay,
             kd_weight=self.kd_weight, ce_weight=self.ce_weight, temperature=self.temperature,
-            hidden_weight=self.hidden_weight, hidden_layers=layers, settings=self.settings())
+            hidden_weight=self.hidden_weight, hidden_layers=layers,
+            settings={**self.settings(), "teacher": spec})
         try:
             stats = fit(state, objective, self.train, subdir="distill")
         finally:
