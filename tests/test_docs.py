@@ -41,7 +41,8 @@ MODEL_SUBSTITUTIONS = {"smollm2-135m": "random:llama", "meta:qwen3-30b-a3b": "ra
 #: Parameters that make a pass cheap on random:llama, appended as --set to `prunegraph run`.
 SHRINK = {"Evaluate": {"ppl_blocks": 2, "limit": 4}, "Prune": {"calib_blocks": 2},
           "Train": {"steps": 2, "polish_steps": 0, "warmup": 0},
-          "PrunePath": {"warmup_steps": 1, "steps": 1}, "TauSweep": {"ppl_blocks": 1}}
+          "PrunePath": {"warmup_steps": 1, "steps": 1},
+          "Distill": {"train.steps": 2, "train.batch_size": 2}, "TauSweep": {"ppl_blocks": 1}}
 
 _FENCE = re.compile(r"^```(\S*)\n(.*?)^```$", re.S | re.M)
 
@@ -162,7 +163,9 @@ def registries_restored():
     """A block that declares a pass, a state key or a target (the docs' worked examples) leaves
     no trace in the registries the other tests read."""
     from prunegraph.pipeline import contract, targets
+    from prunegraph.pipeline.plugins import load_plugins
 
+    load_plugins()  # what the plugins register belongs to the snapshot
     registries = (targets._TARGETS, contract._REGISTRY, contract._KEYS)
     saved = [dict(r) for r in registries]
     yield

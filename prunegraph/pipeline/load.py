@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, declare_key, register_pass
 
 __all__ = ["Load"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
+
+declare_key("model_source", "builtins.dict",
+            "where Load found the model: {'model': its spec, 'dtype': name, 'pruned': whether it "
+            "was a pruned folder}; a pass that needs the model as loaded (Distill's dense "
+            "teacher) reloads it from here")
 
 
 @register_pass
@@ -35,7 +40,7 @@ class Load(Pass):
 
     name = "Load"
     requires = ()
-    provides = ("model", "tokenizer")
+    provides = ("model", "tokenizer", "model_source")
     may_provide = ("plan", "router")  # a pruned folder's plan; a method runtime it carries
 
     model: str
@@ -94,12 +99,14 @@ class Load(Pass):
             model = model.to(device)
         state.model = model
         state.tokenizer = tokenizer
-        self._saved_state(state)
+        pruned = self._saved_state(state)
+        state.model_source = {"model": self.model, "dtype": self.dtype, "pruned": pruned}
         n = sum(p.numel() for p in model.parameters())
         return PassResult(state, modified=True, stats={"parameters": n, "device": device})
 
-    def _saved_state(self, state: State) -> None:
-        """A folder saved by prunegraph brings its plan and the runtimes on the model."""
+    def _saved_state(self, state: State) -> bool:
+        """A folder saved by prunegraph brings its plan and the runtimes on the model; returns
+        whether it was one."""
         from pathlib import Path
 
         from prunegraph.data.models import model_folder
@@ -114,3 +121,4 @@ class Load(Pass):
             described = ext.describe(state.model) if ext.state_key else None
             if described is not None:
                 setattr(state, ext.state_key, described)
+        return plan is not None
