@@ -108,6 +108,10 @@ class GateFamily(nn.Module):
         seed: seeds the initialisation and any sampling noise.
     """
 
+    #: ``(widths key, round_to as text, kept units)`` of the plan Train's polish trained under,
+    #: which ``finalize`` keeps for the polished values (unit families); None otherwise.
+    committed: tuple[tuple, str, dict[str, torch.Tensor]] | None = None
+
     #: The family's name in specs (``Gate: {family: NAME}``).
     name: ClassVar[str] = ""
     #: Where its gates sit (:data:`SITES`).
@@ -201,11 +205,13 @@ class GateFamily(nn.Module):
     # -- finalizing ------------------------------------------------------------------------
 
     def finalize(self, values: dict[str, torch.Tensor], *, mode: str = "topk",
-                 model: nn.Module | None = None, round_to: int = 1,
+                 model: nn.Module | None = None, round_to: Any = "auto",
                  fold_scales: bool = True) -> FinalChoice:  # pragma: no cover - abstract
         """The family's result from final ``values`` (CPU float): ``mode`` ``topk`` (exactly
         the budget) or ``threshold`` (every nonzero value kept); kept values folded as scales
-        when ``fold_scales``; unit counts multiples of ``round_to`` where the budget allows."""
+        when ``fold_scales``; unit counts on the widths ``round_to`` allows (``auto``,
+        ``latency``, an int or a resolved :class:`~prunegraph.passes._widths.Widths`) where the
+        budget allows."""
         raise NotImplementedError
 
     def achieved_sparsity(self) -> float:
