@@ -17,10 +17,10 @@ heads stay whole heads and experts whole experts, as before.
 * ``latency``: ``auto``'s widths, then the group's GEMMs (each producer and consumer matrix at
   the width) are timed on the model's device at one decode and one prefill token count
   (:class:`~prunegraph.plan.latency.LatencyTable`, cached per device, dtype and shape), and only
-  the widths on the fast side of each latency step stay allowed: a width is dropped when a wider
-  one is no more than ``LATENCY_TOLERANCE`` slower (summing decode and prefill time, each relative
-  to the full width), as latency-aware pruning (HALP) prunes to the edges of the latency
-  staircase. The budget is still met exactly as before: the allocator just has fewer, larger moves.
+  the widths on the fast side of each latency step stay allowed: on a monotone fit of the cost
+  (decode and prefill time summed, each relative to the full width), a width is dropped unless it
+  is more than ``LATENCY_TOLERANCE`` cheaper than the last wider width kept, as latency-aware
+  pruning (HALP) prunes to the edges of the latency staircase. The budget is still met exactly as before: the allocator just has fewer, larger moves.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["Widths", "resolve_widths", "rounding_applies", "record_widths", "LAT
 #: ``auto`` gives every group at least this many smaller widths to choose from (see above).
 AUTO_MIN_WIDTHS = 4
 
-#: A width stays allowed only if every wider one is more than this much slower (timer noise).
+#: A width stays allowed only if it is this much cheaper than the last wider one kept.
 LATENCY_TOLERANCE = 0.01
 
 
@@ -244,14 +244,32 @@ def _at_width(gemms, size: int, k: int, tokens: int) -> list[Gemm]:
     return out
 
 
+def _monotone(cost: list[float]) -> list[float]:
+    """The least-squares fit of ``cost`` (widths largest first) that never grows as the width
+    shrinks (pool adjacent violators): a width timed too fast by noise is averaged with its
+    neighbours into a short plateau instead of hiding every narrower width behind it."""
+    blocks: list[list[float]] = []  # [sum, count], in ascending width
+    for c in reversed(cost):
+        blocks.append([c, 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, n = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += n
+    fitted = [total / n for total, n in blocks for _ in range(int(n))]
+    return fitted[::-1]
+
+
 def _fast_side(widths: list[int], cost: list[float], tol: float) -> list[int]:
-    """Widths (largest first) that every wider width beats by more than ``tol`` in cost: the
-    widest width of each latency plateau, the fast side of each step."""
-    kept, best = [], math.inf  # best: the lowest cost of any wider width seen so far
-    for w, c in zip(widths, cost):
-        if c * (1 + tol) < best or w == widths[0]:
+    """Widths (largest first) on the fast side of each latency step: on the monotone fit of the
+    cost, each width kept is more than ``tol`` cheaper than the last one kept, so the widest width
+    of every plateau stays and the narrower widths of the same plateau go (a smooth slope keeps
+    one width every ``tol`` of cost)."""
+    fitted = _monotone(cost)
+    kept, last = [widths[0]], fitted[0]
+    for w, c in zip(widths[1:], fitted[1:]):
+        if c * (1 + tol) < last:
             kept.append(w)
-        best = min(best, c)
+            last = c
     return kept
 
 

@@ -402,6 +402,20 @@ def test_fast_side_keeps_the_widest_width_of_each_plateau():
     assert _fast_side(widths, steps, 0.01) == [256, 192, 128, 64]
     assert _fast_side(widths, [8, 7, 6, 5, 4, 3, 2, 1], 0.01) == widths   # linear: all of them
     assert _fast_side(widths, [4, 4.01, 3, 3, 2, 2, 1, 1], 0.01) == [256, 192, 128, 64]  # noise
+    # a width timed too fast does not hide the narrower ones: it joins its neighbours' plateau
+    assert _fast_side(widths, [4, 4, 3, 3, 1.5, 2, 1, 1], 0.01) == [256, 192, 128, 64]
+    # 192 timed at 3 between 5 and 4: pooled with 160 and 128 into one plateau at 4
+    assert _fast_side(widths, [8, 7, 3, 5, 4, 3, 2, 1], 0.01) == [256, 224, 192, 96, 64, 32]
+
+
+def test_fast_side_on_a_gentle_slope_keeps_one_width_per_tolerance_of_cost():
+    widths = list(range(14336, 0, -64))
+    cost = [w / 14336 for w in widths]  # 0.45% per step near the top: below the 1% tolerance
+    kept = _fast_side(widths, cost, 0.01)
+    assert kept[0] == 14336 and 40 < len(kept) < len(widths)
+    for wider, narrower in zip(kept, kept[1:]):
+        assert narrower / wider < 1 / 1.01              # each kept one is >1% cheaper ...
+        assert wider - narrower <= 64 * math.ceil(0.01 * wider / 64 + 1)  # ... by about 1%
 
 
 def test_latency_widths_sit_on_the_fast_side_of_each_step_and_meet_the_budget(tmp_path):
