@@ -110,10 +110,11 @@ class Widths:
         options = self.counts(g, _floor(g))
         return min(options, key=lambda m: (abs(m - k), -m))
 
-    def key(self) -> tuple:
-        """What decides the allowed counts: two passes with equal keys choose among the same."""
-        return (tuple(sorted(self.multiples.items())),
-                tuple(sorted((n, tuple(c)) for n, c in self.allowed.items())))
+    def key(self, groups: Sequence[Group]) -> tuple:
+        """What decides the allowed counts of ``groups``: equal keys, the same choices."""
+        names = {g.name for g in groups}
+        return (tuple(sorted((n, r) for n, r in self.multiples.items() if n in names)),
+                tuple(sorted((n, tuple(c)) for n, c in self.allowed.items() if n in names)))
 
     def exact_for(self, groups: Sequence[Group]) -> bool:
         """Whether every count is allowed for these groups (nothing to round)."""
@@ -352,6 +353,11 @@ def record_widths(state, pass_name: str, widths: Widths, groups: Sequence[Group]
     if kept:
         line += (f": {min(kept)}-{max(kept)} kept, {summary['aligned']}/{len(kept)} groups a "
                  f"multiple of {rt.multiple}")
+        small = sorted({widths.fallback[n] for n in report["groups"] if n in widths.fallback})
+        if small:
+            summary["fallback"] = len([n for n in report["groups"] if n in widths.fallback])
+            line += (f" ({summary['fallback']} too small for it on multiples of "
+                     f"{'/'.join(map(str, small[::-1]))})")
     timed = [r for r in report["groups"].values() if "latency_us" in r]
     if timed:
         for p in TOKENS:

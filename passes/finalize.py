@@ -60,12 +60,12 @@ class Finalize(Pass):
         family, model = state.gate_family, state.model
         values = {n: v.detach().float().cpu() for n, v in state.trained_gates.items()}
         widths = resolve_widths(list(state.groups), model, self.round_to)
-        committed = family.committed
-        if committed is not None and committed[0] != widths.key():
+        polished = family.polished_under(widths)
+        if polished is not None:
             state.log.warning("Finalize: Train polished under round_to=%s but Finalize uses "
                               "round_to=%s; the plan is chosen again and differs from the one "
                               "the polish trained (give both passes the same round_to)",
-                              committed[1], widths)
+                              polished, widths)
         plan = family.finalize(values, mode=self.mode, model=model, round_to=widths,
                                fold_scales=self.fold_scales)
         if isinstance(plan, Plan):

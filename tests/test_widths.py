@@ -323,6 +323,21 @@ def test_units_budget_under_auto_removes_at_least_its_units_with_aligned_moves()
         round(0.75 * sum(pg.group.size for pg in channels))
 
 
+def test_polish_plan_is_kept_when_some_rounded_groups_are_not_gated(corpus, caplog):
+    from prunegraph.passes.finalize import Finalize
+    from prunegraph.passes.train import Train
+
+    state = _gated("qwen2-moe", kinds=["heads", "expert_channels"])  # shared expert left dense
+    Train(steps=4, polish_steps=2, batch_size=2, block_len=16, warmup=1, source=corpus,
+          plots=False)(state)
+    polished = {n: v != 0 for n, v in state.trained_gates.items()}
+    caplog.set_level(logging.WARNING, logger="prunegraph")
+    Finalize()(state)
+    assert "Train polished under" not in caplog.text
+    planned = state.plan.gate_values()
+    assert all(torch.equal(polished[n], planned[n] != 0) for n in polished)
+
+
 def test_finalize_warns_when_the_polish_used_other_widths(corpus, caplog):
     from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.train import Train

@@ -108,10 +108,6 @@ class GateFamily(nn.Module):
         seed: seeds the initialisation and any sampling noise.
     """
 
-    #: ``(widths key, round_to as text, kept units)`` of the plan Train's polish trained under,
-    #: which ``finalize`` keeps for the polished values (unit families); None otherwise.
-    committed: tuple[tuple, str, dict[str, torch.Tensor]] | None = None
-
     #: The family's name in specs (``Gate: {family: NAME}``).
     name: ClassVar[str] = ""
     #: Where its gates sit (:data:`SITES`).
@@ -213,6 +209,12 @@ class GateFamily(nn.Module):
         ``latency``, an int or a resolved :class:`~prunegraph.passes._widths.Widths`) where the
         budget allows."""
         raise NotImplementedError
+
+    def polished_under(self, widths: Any) -> str | None:
+        """The ``round_to`` Train's polish trained under, when it differs from the resolved
+        ``widths`` Finalize uses (the plan is then chosen again); None when they agree or there
+        was no polish."""
+        return None
 
     def achieved_sparsity(self) -> float:
         """Budget-weighted fraction removed if training stopped now (final value 0)."""

@@ -294,10 +294,18 @@ class UnitGates(GateFamily):
         ``widths``), and re-allocating its values could pick another plan of equal budget (the
         allocator trims overshoot with other moves). :meth:`keep` returns it for values that
         are zero outside it, when asked with the same widths."""
-        self.committed = (widths.key(), str(widths), {n: k.cpu() for n, k in keep.items()})
+        self.committed = (widths.key(self.groups), str(widths),
+                          {n: k.cpu() for n, k in keep.items()})
+
+    def polished_under(self, widths: Widths) -> str | None:
+        """The ``round_to`` the polish trained under when it differs from ``widths`` (then
+        :meth:`keep` chooses again), else None."""
+        if self.committed is None or self.committed[0] == widths.key(self.groups):
+            return None
+        return self.committed[1]
 
     def _committed_for(self, values: dict[str, torch.Tensor], widths: Widths):
-        if self.committed is None or self.committed[0] != widths.key():
+        if self.committed is None or self.committed[0] != widths.key(self.groups):
             return None
         keep = self.committed[2]
         for g in self.groups:
