@@ -20,7 +20,8 @@ heads stay whole heads and experts whole experts, as before.
   the widths on the fast side of each latency step stay allowed: on a monotone fit of the cost
   (decode and prefill time summed, each relative to the full width), a width is dropped unless it
   is more than ``LATENCY_TOLERANCE`` cheaper than the last wider width kept, as latency-aware
-  pruning (HALP) prunes to the edges of the latency staircase. The budget is still met exactly as before: the allocator just has fewer, larger moves.
+  pruning (HALP) prunes to the edges of the latency staircase. The budget is still met exactly
+  as before: the allocator just has fewer, larger moves.
 """
 
 from __future__ import annotations
