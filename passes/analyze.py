@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prunegraph.ir.analysis import analyze
 from prunegraph.ir.analysis.report import summary
+from prunegraph.pipeline import distributed
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Analyze"]
@@ -25,6 +26,11 @@ class Analyze(Pass):
     provides = ("graph", "analysis", "groups")
 
     def run(self, state: State) -> PassResult:
+        if distributed.active():  # once, on rank 0: every rank gets the same groups
+            return self._run_once(state)
+        return self._analyze(state)
+
+    def _analyze(self, state: State) -> PassResult:
         analysis = analyze(state.model)
         state.graph = analysis.graph
         state.analysis = analysis
@@ -35,3 +41,16 @@ class Analyze(Pass):
                        f"{info['total_params']:,}")
         state.metrics.setdefault("analysis", info)
         return PassResult(state, modified=False, stats={"groups": len(analysis.groups), **info["groups"]})
+
+    def _run_once(self, state: State) -> PassResult:
+        """Under ``torchrun``: rank 0 analyses and broadcasts the groups and the summary; the
+        other ranks hold no graph (they only train, then leave)."""
+        if distributed.is_main():
+            result = self._analyze(state)
+            distributed.broadcast((state.groups, state.metrics["analysis"]))
+            return result
+        state.groups, info = distributed.broadcast(None)
+        state.graph = state.analysis = None
+        state.metrics.setdefault("analysis", info)
+        return PassResult(state, modified=False, stats={"groups": len(state.groups),
+                                                        **info["groups"]})

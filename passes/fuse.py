@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from prunegraph.errors import PostconditionError, PreconditionError
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.plan.gating import GateSet, installed_gates
+from prunegraph.plan.gating import GateSet, has_gates, installed_gates
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
            "fold_gates"]
@@ -127,7 +127,7 @@ class FusedPart(nn.Module):
 
 def _plain_linear(module: Any) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward \
-        and not parametrize.is_parametrized(module)
+        and not parametrize.is_parametrized(module) and not module._forward_pre_hooks
 
 
 def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list[str]]]:
@@ -188,15 +188,7 @@ def fold_gates(model_or_gates: nn.Module | GateSet) -> int:
             raise PreconditionError(
                 f"group {name!r} has experts gated to exactly 0, which mask the router and cannot "
                 "be folded into weights; slice the model first (Slice pass / apply_plan)")
-    count = 0
-    with torch.no_grad():
-        for module, attr in list(gates._folded):
-            if parametrize.is_parametrized(module, attr):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-                count += 1
-    gates._folded.clear()
-    gates.remove()  # the router hooks; weights are plain tensors again
-    return count
+    return gates.fold()  # weights are plain tensors again, the router hooks gone
 
 
 # -------------------------------------------------------------------------------- fusing
@@ -224,9 +216,9 @@ def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True,
         ``{"fused": [{"module", "parts", "out_features"}], "linears_fused", "scales_folded"}``.
     """
     folded = fold_gates(gates if gates is not None else model) if fold else 0
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model has parametrizations that are not prunegraph gates; "
-                                "remove them before fusing")
+    if has_gates(model):
+        raise PreconditionError("the model has gates or parametrizations left; fold the gates "
+                                "(fold=True) and remove any other parametrization before fusing")
     report = []
     for parent_path, children in sibling_linears(model, graph):
         parent = model.get_submodule(parent_path) if parent_path else model

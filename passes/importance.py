@@ -41,7 +41,8 @@ from torch import nn
 from prunegraph.errors import PreconditionError, SpecError, nearest
 from prunegraph.ir.groups import Group, Member
 
-__all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params"]
+__all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params",
+           "sum_member_scores"]
 
 CRITERIA = ("magnitude", "wanda", "taylor")
 
@@ -168,11 +169,20 @@ def _wanda_elements(groups: list[Group], params: Mapping[str, nn.Parameter],
 def _reduce(groups: list[Group], elem, sqrt: bool, stats: dict) -> Scores:
     """Sum the per-weight scores over every member's unit slices; ``sqrt`` for the L2 norm."""
     get = elem if callable(elem) else (lambda g, name: elem[name])
+    contrib = {(g.name, j): unit_sums(m, g.size, get(g, m.param)).float().cpu()
+               for g in groups for j, m in enumerate(g.members)}
+    return sum_member_scores(groups, contrib, sqrt, stats)
+
+
+def sum_member_scores(groups: list[Group], contrib: Mapping[tuple[str, int], torch.Tensor],
+                      sqrt: bool, stats: dict) -> Scores:
+    """Each group's score: its members' unit sums ``contrib[(group, member index)]`` added in
+    member order (the in-memory and the sequential path share it, so they agree exactly)."""
     out = Scores(stats=stats)
     for g in groups:
         total = torch.zeros(g.size)
-        for m in g.members:
-            s = unit_sums(m, g.size, get(g, m.param)).float().cpu()
+        for j in range(len(g.members)):
+            s = contrib[(g.name, j)]
             total = total + s if total.dim() >= s.dim() else s + total
         out[g.name] = total.sqrt() if sqrt else total
     return out

@@ -7,6 +7,16 @@ allocate the parameter budget (:mod:`prunegraph.passes.allocate`) and hand the k
 
     Pipeline([Load("smollm2-135m"), Analyze(), Prune(criterion="wanda", sparsity=0.2), Slice()])
 
+A model larger than memory is scored layer by layer (``sequential: true``, see
+:mod:`prunegraph.passes._sequential`): load it on ``meta`` (no weights read; analysis runs
+there), and each decoder layer's weights are read from its safetensors folder (``weights``,
+default the folder it was loaded from) while its calibration activations pass through; the
+others wait in CPU memory or on disk (``offload``). The scores, and so the plan, are the
+in-memory ones::
+
+    Pipeline([Load("/models/qwen3-32b", device="meta"), Analyze(),
+              Prune(criterion="wanda", sparsity=0.2, sequential=True)])
+
 The budget is checked before anything is loaded or run: a sparsity outside (0, 1) or above what
 the constraints allow raises :class:`~prunegraph.errors.BudgetError` with the achievable maximum.
 
@@ -52,6 +62,9 @@ class Prune(Pass):
     source: str = "wikipedia"
     batch_size: int = 4
     normalize: Literal["auto", "kind", "group"] = "auto"
+    sequential: bool = False
+    weights: str | None = None
+    offload: Literal["cpu", "disk"] = "cpu"
 
     def validate(self) -> None:
         from prunegraph.plan.widths import check_round_to
@@ -61,6 +74,18 @@ class Prune(Pass):
             if getattr(self, key) < low:
                 raise SpecError(f"pass Prune: {key} must be >= {low}, got {getattr(self, key)}")
         check_round_to(self.round_to, "pass Prune: round_to")
+
+    def _weights(self, model) -> str:
+        """The safetensors folder the sequential path reads (``weights``, else the folder the
+        model was loaded from)."""
+        from pathlib import Path
+
+        folder = self.weights or getattr(getattr(model, "config", None), "_name_or_path", "")
+        if not folder or not any(Path(folder).glob("*.safetensors")):
+            raise SpecError(f"Prune(sequential=True) reads the weights layer by layer from a "
+                            f"folder of safetensors shards, and {folder or 'the model'!r} is "
+                            f"none; set Prune.weights to the model's Hugging Face folder")
+        return str(folder)
 
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.plan import Plan
@@ -80,8 +105,15 @@ class Prune(Pass):
 
             blocks = text_blocks(state.tokenizer, self.source, "calibration", self.block_len,
                                  self.calib_blocks)
-        scores = score_groups(model, groups, self.criterion, blocks=blocks,
-                              batch_size=self.batch_size, progress=bool(state.progress))
+        if self.sequential:
+            from prunegraph.passes._sequential import score_sequential
+
+            scores = score_sequential(model, groups, self.criterion, blocks,
+                                      self._weights(model), batch_size=self.batch_size,
+                                      offload=self.offload, progress=bool(state.progress))
+        else:
+            scores = score_groups(model, groups, self.criterion, blocks=blocks,
+                                  batch_size=self.batch_size, progress=bool(state.progress))
         keep = allocate(groups, scores, self.sparsity, model=model, scope=self.scope,
                         strategy=self.strategy, round_to=widths, normalize=self.normalize)
         state.plan = Plan.from_keep(groups, keep, model=model, scores=scores)

@@ -175,12 +175,12 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _check_model(model: nn.Module) -> None:
-    from torch.nn.utils import parametrize
+    from prunegraph.plan.gating import has_gates
 
     if not isinstance(model, nn.Module):
         raise PreconditionError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model still has gates (parametrizations); slice it (Slice "
+    if has_gates(model):
+        raise PreconditionError("the model still has gates; slice it (Slice "
                                 "pass / apply_plan) or fold them (Fuse pass) before exporting")
     if not getattr(getattr(model, "config", None), "vocab_size", None):
         raise PreconditionError(f"{type(model).__name__} has no config.vocab_size; the ONNX target "

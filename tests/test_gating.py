@@ -35,18 +35,19 @@ def test_remove_restores_original_parameters():
 
 
 def test_gate_zero_on_channel_equals_zeroing_its_consumer_column():
+    # 2.0: a power of two scales exactly whether it multiplies the weight or the activation
     groups = [g for g in groups_of("llama") if g.kind == "channels"]
     g = groups[0]
     values = torch.ones(g.size)
     values[[3, 50]] = 0.0
-    values[7] = 2.5
+    values[7] = 2.0
     gated = fresh("llama")
     apply_gates(gated, groups, {g.name: values})
     manual = fresh("llama")
     with torch.no_grad():
         down = manual.get_parameter(g.gate_site[0].param)
         down[:, [3, 50]] = 0
-        down[:, 7] *= 2.5
+        down[:, 7] *= 2.0
     ids = input_ids("llama")
     assert torch.equal(logits(gated, ids), logits(manual, ids))
 

@@ -136,8 +136,10 @@ class UnitGates(GateFamily):
         super().__init__(groups, sparsity, model, options, **settings)
         opts = self.options
         self.lrs = dict(gates=self.lr, l1=opts.lr_l1, l2=opts.lr_l2, l3=opts.lr_l3)
-        self.groups = [g for g in groups if g.prunable and g.kind in self.kinds
-                       and g.gate_site and g.constraints.removal == "zero"]
+        # experts (removal "mask_logit") only when asked: a gate scales the expert's output, and
+        # at exactly 0 masks its router logit, as slicing it away does
+        self.groups = [g for g in groups if g.prunable and g.kind in self.kinds and g.gate_site
+                       and (g.constraints.removal == "zero" or g.kind == "experts")]
         if not self.groups:
             raise BudgetError(f"no prunable group of kinds {list(self.kinds)} to gate; the "
                               f"model's groups are {sorted({g.kind for g in groups})}")

@@ -96,15 +96,30 @@ class PrunePathObjective:
     kd_weight = 0.0
     shown = ("tau", "active_fraction")
 
+    #: Every trained tensor is the model's (no module of its own to checkpoint).
+    module = None
+
     def __init__(self, model: nn.Module, spec: PrunePath) -> None:
         self.model, self.spec = model, spec
-        self.router_weights = [r.weight for r in pp.routers(model)]
-        names = pp.router_param_names(model)
-        self.params = {n: p for n, p in model.named_parameters()
-                       if spec.train_scope == "all" or n in names}
-        router_ids = {id(w) for w in self.router_weights}
-        self.base = [p for p in self.params.values() if id(p) not in router_ids]
+        self._names = pp.router_param_names(model)
         reset_stats(model)
+
+    # The trained tensors are looked up when asked, not kept: the loop may shard the model
+    # (FSDP replaces its parameters) and gives the plain ones back after training.
+
+    @property
+    def router_weights(self) -> list[nn.Parameter]:
+        return [r.weight for r in pp.routers(self.model)]
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters()
+                if self.spec.train_scope == "all" or n in self._names}
+
+    @property
+    def base(self) -> list[nn.Parameter]:
+        router_ids = {id(w) for w in self.router_weights}
+        return [p for p in self.params.values() if id(p) not in router_ids]
 
     def stage(self, step: int) -> tuple[str, float]:
         """The stage of ``step`` and its τ."""
@@ -219,6 +234,7 @@ class PrunePath(Pass):
     name = "PrunePath"
     requires = ("model", "moe_layout")
     provides = ("router",)
+    collective = True  # under torchrun every rank trains its share (sharded with FSDP)
 
     tau: float = 0.7
     mode: Literal["exclusive", "inclusive"] = "exclusive"

@@ -7,6 +7,8 @@
 * :mod:`.objective`: the :class:`Objective` protocol, what the loop trains;
 * :mod:`.gate_objective`: :class:`GateObjective`, any gate family as an objective;
 * :mod:`.train_pass`: the ``Train`` pass (gate families);
+* :mod:`.sharding`: the loop on several GPUs (FSDP2 under ``torchrun``) and activation
+  checkpointing; :mod:`._sharded_resume`, its ``torch.distributed.checkpoint`` checkpoint;
 * :mod:`.plots`: the gate families' training plots.
 
 PrunePath's objective lives with its pass (:mod:`prunegraph.passes.prunepath.training`).

@@ -13,7 +13,10 @@ instead of copying its fields:
   (:meth:`TrainConfig.nested`).
 
 The model trains where it is (``Load``'s device); ``autocast: auto`` runs the forwards in bf16
-on CUDA and in float32 elsewhere.
+on CUDA and in float32 elsewhere. Under ``torchrun`` (``prunegraph run --nproc N``) the frozen
+weights are sharded over the ranks with FSDP2 and ``batch_size`` is per rank: ``N`` ranks train
+on the tokens one process would see with ``N * batch_size``
+(:mod:`prunegraph.passes.train.sharding`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class TrainFields:
     checkpoint_dir: str | None = None
     keep_checkpoint: bool = True
     plots: bool = True
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
 
 
 @dataclass(frozen=True, repr=False)
@@ -81,6 +86,10 @@ class TrainConfig(TrainFields):
         checkpoint_dir: where the checkpoint lives instead of the run folder.
         keep_checkpoint: keep the checkpoint once training completes.
         plots: write the objective's plots next to ``metrics.jsonl``.
+        activation_checkpointing: recompute each decoder layer's forward in its backward
+            (memory of one layer's activations instead of all; about a third more compute).
+        cpu_offload: under ``torchrun``, keep the FSDP shards of the weights in CPU memory
+            (:mod:`prunegraph.passes.train.sharding`).
     """
 
     def __post_init__(self) -> None:

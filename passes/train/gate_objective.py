@@ -1,7 +1,7 @@
 """A gate family as a training objective (what the ``Train`` pass trains).
 
 The family's gates and dual variables train, its budget terms are the penalty, and the teacher
-is the model with every gate at 1 (one extra forward under ``no_grad``, no extra weights). Only
+is the model with its gates bypassed (one extra forward under ``no_grad``, no extra weights). Only
 the family's interface (:class:`~prunegraph.passes.gates.base.GateFamily`) is called.
 
 With ``polish_steps`` the run has two phases. The *search* (the first ``total - polish_steps``
@@ -55,6 +55,11 @@ class GateObjective:
         self.round_to = round_to
         self.widths = None  # the resolved widths of the polish plan
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The family: its gates and multipliers are the trained tensors."""
+        return self.family
+
     def config(self) -> dict[str, Any]:
         polish = {"round_to": self.round_to} if self.polish_steps else {}
         return {**self.family.config(), "polish_steps": self.polish_steps, **polish}
@@ -68,7 +73,13 @@ class GateObjective:
 
     @contextmanager
     def teacher(self) -> Iterator[None]:
-        """Every gate at 1: the dense model (the student's values are set again after)."""
+        """The dense model: the gates bypassed (no copy, no multiply), or, for a handle that
+        cannot bypass, every gate at 1 (the student's values are set again after)."""
+        bypassed = getattr(self.gates, "bypassed", None)
+        if bypassed is not None:
+            with bypassed():
+                yield
+            return
         if self.ones is None:  # only with distillation: per-weight families are model-sized
             self.ones = {n: torch.ones_like(v) for n, v in self.family.final_values().items()}
         self.gates.values.update(self.ones)
@@ -126,6 +137,14 @@ class GateObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.family.load_state_dict(state["family"])
+        self.family.load_extra_state(state["extra"])
+        self.mask = state.get("mask")
+
+    def extra_state(self) -> dict[str, Any]:
+        """The state besides the family's tensors (a sharded checkpoint saves those itself)."""
+        return {"extra": self.family.extra_state(), "mask": self.mask}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.family.load_extra_state(state["extra"])
         self.mask = state.get("mask")
 

@@ -31,6 +31,14 @@ paths are taken from the current directory). ``halt_after=N`` stops after ``N`` 
 with a checkpoint (raises :class:`TrainingHalted`), to split a long run into jobs.
 ``keep_checkpoint=False`` deletes the checkpoint once training completes (an objective that
 trains model weights checkpoints them with their optimizer state: about three times the model).
+
+Under ``torchrun`` (:mod:`prunegraph.pipeline.distributed`) the same loop runs on every rank
+through :mod:`prunegraph.passes.train.sharding`: the model is sharded with FSDP2, rank ``r`` of
+``N`` takes slice ``r`` of each step's ``N * batch_size`` blocks, the gradients of replicated
+trainables are averaged and the records are rank means, the checkpoint is the
+``torch.distributed.checkpoint`` folder ``checkpoint.dcp`` (:mod:`._sharded_resume`), rank 0
+alone writes ``metrics.jsonl`` and the plots, and the plain module comes back at the end.
+``activation_checkpointing`` wraps the decoder layers the same way in a single process.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -48,8 +57,11 @@ import torch.nn.functional as F
 
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.passes.train._resume import checkpoint_path, load_checkpoint, save_checkpoint
+from prunegraph.passes.train._sharded_resume import load_sharded, save_sharded, sharded_path
 from prunegraph.passes.train.config import TrainConfig
 from prunegraph.passes.train.objective import Objective
+from prunegraph.passes.train.sharding import Sharding, needs_sharding
+from prunegraph.pipeline import distributed
 from prunegraph.pipeline.contract import State, progress_bar
 from prunegraph.pipeline.runfolder import atomic_write_text
 
@@ -98,6 +110,8 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
                         f"distill from; set kd_weight=0 (got {objective.kd_weight})")
     folder = Path(state.run_dir) / subdir if state.run_dir is not None else None
     ckpt = checkpoint_path(folder, config.checkpoint_dir)
+    if distributed.active():  # rank 0's checkpoint folder: the other ranks have no run folder
+        ckpt = distributed.broadcast(ckpt)
     if config.halt_after is not None and ckpt is None:
         raise SpecError("pass Train: halt_after needs a run folder or checkpoint_dir to "
                         "keep the checkpoint it resumes from")
@@ -107,16 +121,31 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
     from prunegraph.data.blocks import text_blocks
 
     model = state.model
+    ranks = distributed.world_size()
+    sharding = None
+    if needs_sharding(config):
+        _train_only(model, objective.param_groups())  # frozen before FSDP sees them
+        sharding = Sharding(model, config, _device(model))
+        sharding.wrap()
     blocks = text_blocks(state.tokenizer, config.source, "calibration", config.block_len)
-    order = _order(len(blocks), config.steps * config.batch_size * config.grad_accum, config.seed)
+    order = _order(len(blocks), config.steps * config.batch_size * config.grad_accum * ranks,
+                   config.seed)
     optimizer, scheduler = _optimizer(model, objective, config)
     torch.manual_seed(config.seed)
     settings = {**objective.config(), "kd_weight": objective.kd_weight,
                 **config.result_settings()}
+    sharded = sharding is not None and sharding.sharded
+    root = _root(model, objective) if sharded else None
     start, history = 0, []
-    if ckpt is not None and config.resume and ckpt.exists():
-        start, history = load_checkpoint(ckpt, settings, objective, optimizer, scheduler)
-        state.log.info("Train: resuming %s at step %d from %s", objective.name, start, ckpt)
+    if ckpt is not None and config.resume:
+        if sharded and sharded_path(ckpt).exists():
+            start, history = load_sharded(sharded_path(ckpt), settings, objective, optimizer,
+                                          scheduler, root)
+        elif not sharded and ckpt.exists():
+            start, history = load_checkpoint(ckpt, settings, objective, optimizer, scheduler)
+        if start:
+            state.log.info("Train: resuming %s at step %d from %s", objective.name, start,
+                           sharded_path(ckpt) if sharded else ckpt)
     model.eval()
     t0 = time.perf_counter()
     steps = config.steps
@@ -125,7 +154,7 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
     try:
         for step in bar:
             history.append(_step(model, objective, config, blocks, order, step, optimizer,
-                                 scheduler))
+                                 scheduler, sharding))
             bar.set_postfix({k: f"{history[-1][k]:.3f}" for k in ("loss", *objective.shown)})
             done = step + 1
             stop = (config.halt_after is not None and done - start >= config.halt_after
@@ -134,10 +163,17 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
             if ckpt is not None and (stop or (done % config.checkpoint_every == 0
                                               and not final_step)
                                      or (final_step and config.keep_checkpoint)):
-                save_checkpoint(ckpt, settings, done, objective, optimizer, scheduler, history)
+                if sharded:
+                    save_sharded(sharded_path(ckpt), settings, done, objective, optimizer,
+                                 scheduler, history, root)
+                else:
+                    save_checkpoint(ckpt, settings, done, objective, optimizer, scheduler,
+                                    history)
             if folder is not None and done % 10 == 0:
                 _write_metrics(folder, history)  # live view for long runs
             if stop:
+                if sharding is not None:  # every rank halts here: give the module back
+                    sharding.unwrap()
                 raise TrainingHalted(
                     f"Train stopped after step {done} of {steps} as asked (halt_after="
                     f"{config.halt_after}); run it again to resume from {ckpt}")
@@ -148,6 +184,11 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
             _write_metrics(folder, history)
     if ckpt is not None and not config.keep_checkpoint:
         ckpt.unlink(missing_ok=True)  # only an interrupted run needs it
+        if sharded and distributed.is_main():
+            shutil.rmtree(sharded_path(ckpt), ignore_errors=True)
+    if sharding is not None:
+        sharding.check_replicas(sharding.replicated(_trained(optimizer)))
+        sharding.unwrap()  # the user's module again, for the passes after training
     plots = folder if folder is not None and config.plots else None
     last = history[-1] if history else {}
     return {"steps": steps, "resumed_at": start,
@@ -155,6 +196,26 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
             "seconds": round(time.perf_counter() - t0, 1),
             "final_ce": last.get("ce"), "final_kl": last.get("kl"),
             **objective.finish(state, history, plots)}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where this process computes: its GPU in a launch, else where the model is."""
+    if distributed.active():
+        return distributed.device()
+    return next(model.parameters()).device
+
+
+def _root(model: torch.nn.Module, objective: Objective) -> torch.nn.Module:
+    """One module holding every trainable tensor (the model, and the objective's own module,
+    a gate family), for the sharded checkpoint."""
+    module = getattr(objective, "module", None)
+    if module is None:
+        return model
+    return torch.nn.ModuleDict({"model": model, "objective": module})
+
+
+def _trained(optimizer) -> list[torch.nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
 
 def _order(n_blocks: int, needed: int, seed: int) -> torch.Tensor:
@@ -191,23 +252,35 @@ def _optimizer(model, objective: Objective, config: TrainConfig):
 
 
 def _step(model, objective: Objective, config: TrainConfig, blocks, order, step: int, optimizer,
-          scheduler) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns its record."""
-    device = next(model.parameters()).device
+          scheduler, sharding: Sharding | None = None) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its record. Under a launch
+    rank ``r`` of ``N`` takes slice ``r`` of each ``N * batch_size`` blocks."""
+    device = sharding.device if sharding is not None else next(model.parameters()).device
+    ranks, rank = distributed.world_size(), distributed.rank()
     optimizer.zero_grad(set_to_none=True)
     sums = {"ce": 0.0, "kl": 0.0, "loss": 0.0}
     stats: dict[str, float] = {}
     for micro in range(config.grad_accum):
-        lo = (step * config.grad_accum + micro) * config.batch_size
+        lo = ((step * config.grad_accum + micro) * ranks + rank) * config.batch_size
         ids = blocks[order[lo:lo + config.batch_size]].to(device)
         parts, stats = _micro(model, objective, config, ids, step)
         for key, value in parts.items():
             sums[key] += value / config.grad_accum
+    if sharding is not None and sharding.sharded:
+        sharding.sync_grads(sharding.replicated(_trained(optimizer)))
+        sums, stats = _rank_means(sums), _rank_means(stats)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     return {"step": step + 1, **sums, **stats, **objective.post_step(step, config.steps),
             "lr": lr}
+
+
+def _rank_means(values: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a record averaged over the ranks (each saw its share of the tokens)."""
+    keys = [k for k, v in values.items() if isinstance(v, float)]
+    means = dict(zip(keys, distributed.all_mean([values[k] for k in keys])))
+    return {k: means.get(k, v) for k, v in values.items()}
 
 
 def _autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager:

@@ -36,6 +36,8 @@ class Objective(Protocol):
     kd_weight: float
     #: Keys of a step's record shown on the progress bar.
     shown: tuple[str, ...]
+    #: Model parameters are looked up when needed (``param_groups``, ``state_dict``), never
+    #: kept from construction: the loop may replace them while sharding the model.
 
     def config(self) -> dict[str, Any]:
         """Settings a checkpoint must have been made with to be resumed."""
@@ -62,6 +64,12 @@ class Objective(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into the live tensors (the optimizer holds them)."""
+
+    # Optional, for runs sharded over several ranks (:mod:`prunegraph.passes.train.sharding`):
+    #   module: nn.Module | None, the objective's trained tensors outside the model (a gate
+    #     family), saved with the model's by torch.distributed.checkpoint;
+    #   extra_state() -> dict / load_extra_state(dict): everything else an exact resume needs
+    #     (RNG, masks), written by rank 0. Objectives without them train only model tensors.
 
     def finish(self, state: State, history: list[dict[str, Any]],
                plots: Path | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Train(Pass, TrainFields):
     name = "Train"
     requires = ("model", "tokenizer", "gates", "gate_family")
     provides = ("trained_gates",)
+    collective = True  # under torchrun every rank trains its share (sharded with FSDP)
 
     kd_weight: float = 2.0
     polish_steps: int = 0

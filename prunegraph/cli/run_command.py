@@ -39,21 +39,46 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checks", action="store_true",
                    help="run the invariant checks between passes (gates at 1 equal the model, "
                         "the sliced model equals the gated one, ...) on a few probe tokens")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run on N GPUs (N processes on a CPU machine): starts itself again under "
+                        "torchrun --nproc-per-node N; training is sharded with FSDP, rank 0 "
+                        "writes the run folder")
 
 
 @command("run", "run a pipeline spec and write a run folder", _configure_run)
 def run_command(args: argparse.Namespace) -> int:
+    from prunegraph.pipeline import distributed
     from prunegraph.pipeline.runfolder import RunFolder
     from prunegraph.pipeline.spec import load_spec
 
     load_plugins()
+    if args.nproc < 1:
+        raise SpecError(f"--nproc must be >= 1, got {args.nproc}")
     spec = load_spec(args.spec, overrides=args.overrides)
     folder = RunFolder(args.out, overwrite=args.overwrite)  # refuse a bad --out before running
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.relaunch(args.nproc, _argv_without_nproc(args))
+    distributed.init()
+    if not distributed.is_main():  # rank 0 writes the run folder and prints
+        spec.run(None, progress=False, checks=args.checks or None)
+        distributed.shutdown()  # not on an error: the rank exits and torchrun stops the others
+        return 0
     print(f"pipeline {args.spec}:")
     print(spec.describe(), flush=True)
     spec.run(folder, progress=not args.no_progress, checks=args.checks or None)
+    distributed.shutdown()
     print(f"done; results in {folder.path}/ (spec.yaml, metrics.json, log.txt)")
     return 0
+
+
+def _argv_without_nproc(args: argparse.Namespace) -> list[str]:
+    """The ``run`` command line of ``args`` for each process of a torchrun launch."""
+    argv = ["run", str(args.spec), "--out", str(args.out)]
+    argv += [f"--set={o}" for o in args.overrides]
+    argv += [flag for flag, on in (("--overwrite", args.overwrite),
+                                   ("--no-progress", args.no_progress),
+                                   ("--checks", args.checks)) if on]
+    return argv
 
 
 def _configure_passes(p: argparse.ArgumentParser) -> None:

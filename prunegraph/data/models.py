@@ -133,7 +133,11 @@ def load_model(spec: str, *, meta: bool = False, dtype: torch.dtype = torch.floa
         else:
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model.eval(), None
+        tok = None  # a local folder on meta keeps its tokenizer (sequential calibration)
+        if tokenizer and Path(spec).is_dir() and any(
+                (Path(spec) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(spec)
+        return model.eval(), tok
 
     if spec == SMOLLM2_ALIAS:
         spec = str(smollm2_gguf_path())

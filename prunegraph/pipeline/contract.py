@@ -269,6 +269,9 @@ class Pass:
     #: Invariant checks (registered with ``register_check(..., guarantee=True)``) that must
     #: hold around this pass, such as ``sliced-equals-gated`` for ``Slice``.
     guarantees: ClassVar[tuple[str, ...]] = ()
+    #: Runs on every rank of a ``torchrun`` launch (training); the ranks other than 0 leave
+    #: after the last such pass (:mod:`prunegraph.pipeline.distributed`).
+    collective: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self._check_params()

@@ -25,7 +25,9 @@ class Load(Pass):
     ``model`` is any spec ``load_model`` understands: ``smollm2-135m``, ``random:llama``, a
     local Hugging Face folder, a ``.gguf`` file, ``meta:<name>``. ``device`` is where every
     later pass runs: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``,
-    ``cuda`` or ``cuda:N``; ``meta:`` models stay on ``meta``.
+    ``cuda`` or ``cuda:N``; ``meta:`` models stay on ``meta``. ``device: meta`` loads any model
+    as its config alone (no weights read; a local folder keeps its tokenizer): for analysis, and
+    for ``Prune(sequential=True)``, which reads the weights from the folder one layer at a time.
     """
 
     name = "Load"
@@ -66,8 +68,9 @@ class Load(Pass):
 
         from prunegraph.data.models import load_model
 
-        model, tokenizer = load_model(self.model, dtype=getattr(torch, self.dtype))
         device = self.resolved_device()
+        model, tokenizer = load_model(self.model, dtype=getattr(torch, self.dtype),
+                                      meta=device == "meta")  # no weights read for meta
         if device != "meta":
             model = model.to(device)
         state.model = model

@@ -259,6 +259,19 @@ class Pipeline:
 
     # -- running ---------------------------------------------------------------------------
 
+    def _passes_for_this_rank(self) -> tuple[tuple[Pass, ...], int]:
+        """The passes this process runs and the index of the last collective one (-1: none).
+
+        In a single process (and on rank 0): every pass. On the other ranks of a ``torchrun``
+        launch: the passes up to the last collective one (training); the process group ends
+        after it (:meth:`run`), and rank 0 runs the rest alone."""
+        from prunegraph.pipeline import distributed
+
+        last = max((i for i, p in enumerate(self.passes) if p.collective), default=-1)
+        if distributed.is_main():
+            return self.passes, last
+        return self.passes[:last + 1], last
+
     def run(
         self,
         state: State | None = None,
@@ -304,8 +317,13 @@ class Pipeline:
             _seed_everything(seed)
         records: list[dict[str, Any]] = state.metrics.setdefault("passes", [])
         done: list[str] = []
+        from prunegraph.pipeline import distributed
+
+        passes, last_collective = self._passes_for_this_rank()
+        if last_collective < 0:
+            distributed.shutdown()  # nothing for the other ranks: rank 0 runs alone
         try:
-            for i, p in enumerate(self.passes):
+            for i, p in enumerate(passes):
                 header = f"[{i + 1}/{len(self.passes)}] {p.pass_name()}"
                 _LOG.info("%s: start", header)
                 if progress:
@@ -339,6 +357,8 @@ class Pipeline:
                           file=sys.stderr, flush=True)
                 if folder:
                     folder.write_metrics(state.metrics)
+                if i == last_collective:
+                    distributed.shutdown()  # the other ranks leave; rank 0 goes on alone
         finally:
             if folder:
                 folder.write_metrics(state.metrics)

@@ -104,13 +104,14 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
         PreconditionError: the model still carries gates.
     """
     from safetensors.torch import save_file
-    from torch.nn.utils import parametrize
+
+    from prunegraph.plan.gating import has_gates
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; choose another folder or pass "
                               f"overwrite=True")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    if has_gates(model):
         raise PreconditionError("the model still has gates; remove them (remove_gates) and slice "
                                 "it (apply_plan) before saving")
     if plan.fingerprint is None:

@@ -1,11 +1,23 @@
-"""Gates: per-unit multipliers folded into the consumer members of each group.
+"""Gates: per-unit multipliers at the consumers of each group.
 
 A gate value ``g[u]`` scales unit ``u``'s activation. Every consumer of a unit is linear in it, so
-multiplying the columns the unit is read by (the group's *consumer* members) by ``g[u]`` computes
-exactly the gated activation, with no change to the model's code: the gated model is still the
-user's ``nn.Module`` (``generate()`` works) and the gate tensors receive gradients. Gates are
-installed with :mod:`torch.nn.utils.parametrize` on the consumer parameters, one parametrization per
-parameter multiplying in every gate that touches it::
+scaling the unit where its consumer reads it (the group's *consumer* members) computes exactly the
+gated activation, with no change to the model's code: the gated model is still the user's
+``nn.Module`` (``generate()`` works) and the gate tensors receive gradients. A consumer site is
+one of two kinds, chosen per parameter when the gates are installed:
+
+* **on the activation** (every consumer that is the input dim of an ``nn.Linear`` or GPT-2
+  ``Conv1D`` weight: ``down_proj``, ``o_proj``, ``c_proj`` ...): a forward pre-hook scales the
+  module's input channels, ``linear(x * m, W)``, through :class:`ScaleChannels`, whose backward
+  computes ``dL/dm = sum_tokens x * dL/d(x m)`` from the activation. With frozen weights no
+  weight-sized gradient is ever formed: a backward costs the input gradient the layers below need
+  anyway, plus one multiply-and-sum of the activation;
+* **on the parameter** (every other consumer: fused 3-D expert tensors used by a custom op, where
+  no activation carries the unit dim): a :mod:`torch.nn.utils.parametrize` parametrization
+  ``W -> W * m`` on the parameter, multiplying in every gate that touches it.
+
+Both compute the same function (``x (W m) == (x m) W`` up to the rounding order of a scale other
+than 0, 1 or a power of two)::
 
     gates = apply_gates(model, groups, {"model.layers.0.mlp:channels": torch.ones(96)})
     gates.values["model.layers.0.mlp:channels"][:10] = 0     # channels 0..9 switched off
@@ -19,13 +31,17 @@ the others, as it will after slicing); positive values scale the expert's output
 consumer slice. The logit mask is a hard 0/``-inf`` choice; gradients reach expert gates through the
 consumer scaling.
 
-All gates at 1 leave every parameter bit-identical (``w * 1.0 == w``) and add no logit mask, so
-outputs equal the original's exactly.
+All gates at 1 leave every parameter and activation bit-identical (``w * 1.0 == w``) and add no
+logit mask, so outputs equal the original's exactly. Inside :meth:`GateSet.bypassed` every gate is
+skipped (the dense model, the distillation teacher of mask training: no second copy of the
+weights, no multiply). :meth:`GateSet.fold` multiplies the gates into the weights for good.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,7 +54,7 @@ from prunegraph.errors import PlanError, PrunegraphError
 from prunegraph.ir.groups import Group, Member
 
 __all__ = ["GateSet", "apply_gates", "remove_gates", "installed_gates", "unit_multiplier", "owner_of",
-           "gate_shape"]
+           "gate_shape", "has_gates", "linear_input_dim", "ScaleChannels"]
 
 #: Where the runtime keeps a model's GateSet (one per model); read it with installed_gates().
 _GATES_ATTR = "_prunegraph_gates"
@@ -80,7 +96,7 @@ def unit_multiplier(member: Member, values: torch.Tensor, shape: torch.Size | tu
     v = values
     if member.div > 1:
         v = v.reshape(*v.shape[:-1], size // member.div, member.div).amax(-1)
-    pos = member.block_positions(size).reshape(-1).to(v.device)
+    pos = _positions(member, size, v.device)
     vals = v.repeat_interleave(member.inner, dim=-1)
     n = shape[member.dim]
     view = [1] * len(shape)
@@ -98,6 +114,33 @@ def unit_multiplier(member: Member, values: torch.Tensor, shape: torch.Size | tu
     return mult.reshape(view)
 
 
+@functools.lru_cache(maxsize=4096)
+def _positions(member: Member, size: int, device: torch.device) -> torch.Tensor:
+    """A member's block indices on ``device``, made once (every gated forward reads them)."""
+    return member.block_positions(size).reshape(-1).to(device)
+
+
+def linear_input_dim(module: nn.Module) -> int | None:
+    """Dim of ``module.weight`` that indexes input features, for modules computing ``x @ W``:
+    ``nn.Linear`` (``[out, in]``: 1) and the ``Conv1D`` of GPT-2-style HF models (``[in, out]``:
+    0, recognised by its ``nf``/``nx`` attributes); ``None`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return 0
+    return None
+
+
+def _site_multiplier(gates: GateSet, entries: list[tuple[Member, str]],
+                     shape: tuple[int, ...]) -> torch.Tensor:
+    """The product of every gate touching one parameter, broadcasting against ``shape``."""
+    mult = None
+    for member, name in entries:
+        m = unit_multiplier(member, gates.values[name], shape)
+        mult = m if mult is None else mult * m
+    return mult
+
+
 class _Fold(nn.Module):
     """Parametrization ``W -> W * prod(multipliers)`` reading the live values of a GateSet."""
 
@@ -107,10 +150,69 @@ class _Fold(nn.Module):
         self.entries = entries
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._gates.bypass:
+            return weight
         for member, name in self.entries:
             mult = unit_multiplier(member, self._gates.values[name], weight.shape)
             weight = weight * mult.to(weight.dtype)
         return weight
+
+
+class ScaleChannels(torch.autograd.Function):
+    """``x * m`` over the last dim, with ``dL/dm`` reduced from the activation in float32.
+
+    The same function as the plain product; the backward sums ``x * dL/dy`` over the tokens with a
+    float32 accumulator (under bf16 autocast the product is bf16), so a gate's gradient is as
+    precise as the weight-site one and costs no weight-sized tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+        scale = mult.to(x.dtype)
+        ctx.save_for_backward(x if mult.requires_grad else None, scale)
+        ctx.mult_dtype = mult.dtype
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale = ctx.saved_tensors
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            n = grad.shape[-1]
+            grad_m = torch.mul(grad.reshape(-1, n), x.reshape(-1, n)).sum(
+                0, dtype=torch.float32).to(ctx.mult_dtype)
+        return grad_x, grad_m
+
+
+class _ActivationSite:
+    """A gate on the input channels of one linear module (see the module docstring)."""
+
+    def __init__(self, gates: GateSet, module: nn.Module, entries: list[tuple[Member, str]],
+                 input_dim: int) -> None:
+        self.gates, self.module, self.entries = gates, module, entries
+        self.input_dim = input_dim
+        self.shape = tuple(module.weight.shape)
+        self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def multiplier(self) -> torch.Tensor:
+        """``[in_features]``: the input channels' multipliers."""
+        return _site_multiplier(self.gates, self.entries, self.shape).reshape(-1)
+
+    def _pre(self, _module, args, kwargs):
+        if self.gates.bypass:
+            return None
+        if args:
+            return (ScaleChannels.apply(args[0], self.multiplier()), *args[1:]), kwargs
+        key = next(iter(kwargs))  # Linear(input=x): the activation is the only argument
+        return args, {**kwargs, key: ScaleChannels.apply(kwargs[key], self.multiplier())}
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Multiply the gates into the weight's input columns."""
+        weight = self.module.weight
+        view = [1, 1]
+        view[self.input_dim] = -1
+        weight.mul_(self.multiplier().to(weight.dtype).reshape(view))
 
 
 class _RouterMask(TorchFunctionMode):
@@ -146,23 +248,60 @@ class GateSet:
         self.model = model
         self.groups = groups
         self.values = values
+        self.bypass = False
         self._folded: list[tuple[nn.Module, str]] = []
+        self._sites: list[_ActivationSite] = []
         self._hooks: list[Any] = []
+
+    @property
+    def sites(self) -> dict[str, int]:
+        """How many parameters are gated on their activation and on the parameter itself."""
+        return {"activation": len(self._sites), "parameter": len(self._folded)}
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Run the model without its gates (the dense model; nothing is copied or multiplied)."""
+        before, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = before
+
+    def fold(self) -> int:
+        """Multiply the current gate values into the weights and take the gates off; returns
+        how many weights changed. Experts gated to exactly 0 are the caller's to refuse (their
+        router mask cannot become a weight)."""
+        count = 0
+        with torch.no_grad():
+            for module, attr in self._folded:
+                if parametrize.is_parametrized(module, attr):
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                    count += 1
+            for site in self._sites:
+                site.fold()
+                count += 1
+        self._folded.clear()
+        self.remove()
+        return count
 
     def remove(self) -> None:
         """Take every gate off; parameters are the original tensors again."""
         for module, attr in self._folded:
             if parametrize.is_parametrized(module, attr):
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        for site in self._sites:
+            site.handle.remove()
         for handle in self._hooks:
             handle.remove()
         self._folded.clear()
+        self._sites.clear()
         self._hooks.clear()
         if installed_gates(self.model) is self:
             delattr(self.model, _GATES_ATTR)
 
     def __repr__(self) -> str:
-        return f"GateSet({len(self.values)} groups on {len(self._folded)} parameters)"
+        return (f"GateSet({len(self.values)} groups on {len(self._sites)} activations and "
+                f"{len(self._folded)} parameters)")
 
 
 def _check_value(group: Group, value: torch.Tensor) -> None:
@@ -174,8 +313,13 @@ def _check_value(group: Group, value: torch.Tensor) -> None:
 
 
 def apply_gates(model: nn.Module, groups: list[Group],
-                values: Mapping[str, torch.Tensor] | None = None) -> GateSet:
+                values: Mapping[str, torch.Tensor] | None = None, *,
+                sites: str = "auto") -> GateSet:
     """Install gates for the groups named in ``values`` (all prunable groups at 1 when omitted).
+
+    ``sites="auto"`` gates on the activation wherever one carries the unit dim and on the
+    parameter elsewhere (see the module docstring); ``sites="parameter"`` puts every gate on
+    its parameter (the former placement, for comparisons).
 
     Raises:
         PlanError: an unknown group name, a wrong value shape, a group without consumer members,
@@ -185,6 +329,8 @@ def apply_gates(model: nn.Module, groups: list[Group],
     if installed_gates(model) is not None:
         raise PrunegraphError("the model already has gates; call remove_gates(model) before "
                               "applying new ones")
+    if sites not in ("auto", "parameter"):
+        raise PlanError(f"sites must be 'auto' or 'parameter', got {sites!r}")
     by_name = {g.name: g for g in groups}
     if values is None:
         values = {g.name: torch.ones(gate_shape(g)) for g in groups if g.prunable}
@@ -204,16 +350,20 @@ def apply_gates(model: nn.Module, groups: list[Group],
 
     gates = GateSet(model, {n: by_name[n] for n in values}, values)
     params = dict(model.named_parameters(remove_duplicate=False))
-    sites: dict[tuple[int, str], tuple[nn.Module, str, list[tuple[Member, str]]]] = {}
+    targets: dict[tuple[int, str], tuple[nn.Module, str, list[tuple[Member, str]]]] = {}
     for name in values:
         for member in by_name[name].gate_site:
             module, attr = owner_of(model, member.param)
             if member.param not in params:
                 raise PlanError(f"{member.param!r} is not a parameter of the model")
             key = (id(module), attr)
-            sites.setdefault(key, (module, attr, []))[2].append((member, name))
+            targets.setdefault(key, (module, attr, []))[2].append((member, name))
     try:
-        for module, attr, entries in sites.values():
+        for module, attr, entries in targets.values():
+            input_dim = _activation_dim(module, attr, entries) if sites == "auto" else None
+            if input_dim is not None:
+                gates._sites.append(_ActivationSite(gates, module, entries, input_dim))
+                continue
             parametrize.register_parametrization(module, attr, _Fold(gates, entries))
             gates._folded.append((module, attr))
         for name in values:
@@ -227,6 +377,16 @@ def apply_gates(model: nn.Module, groups: list[Group],
     return gates
 
 
+def _activation_dim(module: nn.Module, attr: str, entries: list[tuple[Member, str]]
+                    ) -> int | None:
+    """The input dim of ``module``'s weight when every gate on it scales input channels (the
+    activation site applies), else None (the parameter site)."""
+    dim = linear_input_dim(module) if attr == "weight" else None
+    if dim is None or any(m.dim != dim or m.expert_dim is not None for m, _ in entries):
+        return None
+    return dim
+
+
 def _router_of(group: Group) -> str | None:
     return group.router or next((m.param for m in group.members if m.role == "router"), None)
 
@@ -237,6 +397,8 @@ def _install_router_mask(model: nn.Module, gates: GateSet, name: str, router: st
     active: list[_RouterMask] = []
 
     def pre(_mod, _args):
+        if gates.bypass:
+            return
         dead = gates.values[name].detach() == 0
         if bool(dead.any()):
             mode = _RouterMask(shape, dead)
@@ -254,6 +416,13 @@ def _install_router_mask(model: nn.Module, gates: GateSet, name: str, router: st
 
     gates._hooks.append(module.register_forward_pre_hook(pre))
     gates._hooks.append(module.register_forward_hook(post, always_call=True))
+
+
+def has_gates(model: nn.Module) -> bool:
+    """Whether ``model`` carries gates (a GateSet, or any parametrization) that slicing or saving
+    would silently drop."""
+    return installed_gates(model) is not None or any(
+        parametrize.is_parametrized(m) for m in model.modules())
 
 
 def installed_gates(model: nn.Module) -> GateSet | None:

@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunegraph.errors import PlanError, PreconditionError
 from prunegraph.ir.groups import Group
-from prunegraph.plan.gating import owner_of, unit_multiplier
+from prunegraph.plan.gating import has_gates, owner_of, unit_multiplier
 from prunegraph.plan.plan import Plan, PlanGroup
 
 __all__ = ["apply_plan", "LAYER_ATTRIBUTES", "SHAPE_ATTRIBUTES", "CONFIG_FIELDS", "config_updates"]
@@ -98,8 +97,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, structural: bool = False,
         PlanError: the plan belongs to another model or names missing parameters; nothing has been
             changed when it is raised.
     """
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model has parametrizations (gates?) on it; remove them "
+    if has_gates(model):
+        raise PreconditionError("the model has gates or parametrizations on it; remove them "
                                 "(prunegraph.plan.gating.remove_gates(model)) before slicing")
     if check and plan.fingerprint is not None:
         plan.check_model(model)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunegraph.errors import PreconditionError
 from prunegraph.pipeline.contract import State
 from prunegraph.pipeline.runfolder import atomic_write_text
 from prunegraph.pipeline.targets import check_folder_output, target
+from prunegraph.plan.gating import has_gates
 from prunegraph.targets.triton.patterns import GatedMLP, gated_mlps
 
 __all__ = ["ExportTriton", "export_triton", "swiglu_mlp_paths", "swiglu_mlps", "triton_target"]
@@ -75,8 +75,8 @@ def export_triton(model: nn.Module, out_dir: str | Path, *, overwrite: bool = Fa
 
     out = Path(out_dir)
     check_folder_output(out, overwrite)
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise PreconditionError("the model still has gates (parametrizations); slice it (Slice "
+    if has_gates(model):
+        raise PreconditionError("the model still has gates; slice it (Slice "
                                 "pass / apply_plan) or fold them (Fuse pass) before exporting")
     mlps, skipped = swiglu_mlps(model)
     if not mlps:
