@@ -94,9 +94,12 @@ class GateObjective:
         final = self.family.final_values()
         values = {n: v.detach().float().cpu() for n, v in final.items()}
         from prunegraph.passes._widths import resolve_widths
+        from prunegraph.pipeline import distributed
 
         groups = getattr(self.family, "groups", [])
-        self.widths = resolve_widths(groups, self.model, self.round_to)
+        # rank 0's widths on every rank: round_to: latency times each rank's own GPU, and the
+        # ranks must polish under one plan
+        self.widths = distributed.broadcast(resolve_widths(groups, self.model, self.round_to))
         planned = self.family.finalize(values, mode="topk", model=self.model,
                                        round_to=self.widths).gate_values()
         # on the gates' device and dtype once, so the per-forward multiply moves nothing
