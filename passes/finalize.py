@@ -11,6 +11,11 @@ The gate family itself turns its values into kept units (``family.finalize``, se
 * ``threshold``: keep every unit whose gate value is above 0 (DDP's released slicing script);
   the achieved sparsity is whatever training reached.
 
+Kept counts of channel groups take widths the hardware runs fast: ``round_to`` ``auto``
+(default: the multiple the model's device and dtype want), ``latency`` (measured steps) or an
+integer (1: exact); see :mod:`prunegraph.passes._widths`. ``Train``'s polish trains under the plan
+this pass will make, so give both the same ``round_to`` (both default to ``auto``).
+
 Constraints (GQA, per-expert equal widths, floors) are repaired by :meth:`Plan.from_keep` with
 the gate values as priorities. With ``fold_scales`` the kept units' continuous gate values become
 the plan's scales, so the sliced model computes exactly what the gated model computes with the
@@ -24,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prunegraph.errors import SpecError
+from prunegraph.passes._widths import record_widths, resolve_widths
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Finalize"]
@@ -42,17 +47,30 @@ class Finalize(Pass):
 
     mode: Literal["topk", "threshold"] = "topk"
     fold_scales: bool = True
-    round_to: int = 1
+    round_to: int | Literal["auto", "latency"] = "auto"
 
     def validate(self) -> None:
-        if self.round_to < 1:
-            raise SpecError(f"pass Finalize: round_to must be >= 1, got {self.round_to}")
+        from prunegraph.plan.widths import check_round_to
+
+        check_round_to(self.round_to, "pass Finalize: round_to")
 
     def run(self, state: State) -> PassResult:
+        from prunegraph.plan.plan import Plan
+
         family, model = state.gate_family, state.model
         values = {n: v.detach().float().cpu() for n, v in state.trained_gates.items()}
-        plan = family.finalize(values, mode=self.mode, model=model, round_to=self.round_to,
+        widths = resolve_widths(list(state.groups), model, self.round_to)
+        polished = family.polished_under(widths)
+        if polished is not None:
+            state.log.warning("Finalize: Train polished under round_to=%s but Finalize uses "
+                              "round_to=%s; the plan is chosen again and differs from the one "
+                              "the polish trained (give both passes the same round_to)",
+                              polished, widths)
+        plan = family.finalize(values, mode=self.mode, model=model, round_to=widths,
                                fold_scales=self.fold_scales)
+        if isinstance(plan, Plan):
+            record_widths(state, self.name, widths, [pg.group for pg in plan.groups],
+                          {pg.group.name: pg.keep for pg in plan.groups})
         state.plan = plan
         planned = plan.gate_values()
         total = sum(float(v.abs().sum()) for v in values.values())
@@ -65,7 +83,8 @@ class Finalize(Pass):
                     v = (v != 0).float()
                 state.gates.values[n] = v.to(device, dtype.get(n, v.dtype))
         report = plan.report
-        stats = {"mode": self.mode, "params_removed": report["params_removed"],
+        stats = {"mode": self.mode, "round_to": str(widths),
+                 "params_removed": report["params_removed"],
                  "params_fraction": report.get("params_fraction"),
                  "gate_mass_cut": cut / total if total else 0.0,
                  "zero_gates_fraction": 1.0 - family.kept_fraction(values)}

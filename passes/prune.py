@@ -22,6 +22,12 @@ one above what the constraints allow (or a ``round_to`` no group can honour) rig
 ``Analyze`` (:meth:`Prune.check_early`; before the model loads when a meta-device analysis can
 tell, see :mod:`prunegraph.pipeline.early`), as a :class:`~prunegraph.errors.BudgetError` with the
 achievable maximum.
+
+Kept widths are ones the hardware runs fast (``round_to``, :mod:`prunegraph.passes._widths`):
+``auto`` (default) rounds channel counts to the multiple the model's device and dtype want (64 for
+bf16/fp16 on CUDA, 32 on the CPU: :mod:`prunegraph.plan.widths`), ``latency`` keeps only widths
+on the fast side of the latency steps measured on the device, an integer is taken as given (1:
+exact). What it resolved to is in ``metrics["prune"]["widths"]`` and ``<run>/widths.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import BudgetError, SpecError
-from prunegraph.passes.allocate import allocate, check_budget, check_round_to, check_sparsity
+from prunegraph.passes._widths import record_widths, resolve_widths
+from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
 from prunegraph.passes.importance import score_groups
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
@@ -55,7 +62,7 @@ class Prune(Pass):
     scope: Literal["decoder", "all"] = "decoder"
     calib_blocks: int = 32
     block_len: int = 128
-    round_to: int = 1
+    round_to: int | Literal["auto", "latency"] = "auto"
     source: str = "wikipedia"
     batch_size: int = 4
     normalize: Literal["auto", "kind", "group"] = "auto"
@@ -64,14 +71,16 @@ class Prune(Pass):
     offload: Literal["cpu", "disk"] = "cpu"
 
     def validate(self) -> None:
+        from prunegraph.plan.widths import check_round_to
+
         try:
             check_sparsity(self.sparsity)
         except BudgetError as e:
             raise BudgetError(f"pass Prune: {e}") from None
-        for key, low in (("calib_blocks", 1), ("block_len", 2), ("round_to", 1),
-                         ("batch_size", 1)):
+        for key, low in (("calib_blocks", 1), ("block_len", 2), ("batch_size", 1)):
             if getattr(self, key) < low:
                 raise SpecError(f"pass Prune: {key} must be >= {low}, got {getattr(self, key)}")
+        check_round_to(self.round_to, "pass Prune: round_to")
 
     def _weights(self, model) -> str:
         """The safetensors folder the sequential path reads (``weights``, else the folder the
@@ -87,19 +96,18 @@ class Prune(Pass):
 
     def check_early(self, state: State) -> None:
         """The budget and the rounding fit the groups (before calibration or any other work)."""
+        # latency keeps a subset of auto's widths and times GEMMs (the model may still be on
+        # meta here): the early check asks only that auto's widths fit the budget
+        round_to = "auto" if self.round_to == "latency" else self.round_to
         check_budget(list(state.groups), self.sparsity, state.model, self.scope, self.strategy,
-                     self.round_to)
+                     round_to)
 
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.plan import Plan
 
         model, groups = state.model, list(state.groups)
-        check_budget(groups, self.sparsity, model, self.scope, self.strategy, self.round_to)
-        blocked = check_round_to(groups, self.round_to)
-        if blocked:
-            state.log.warning("Prune: round_to=%d leaves no smaller size for %d groups (%s); "
-                              "they are kept whole", self.round_to, len(blocked),
-                              ", ".join(g.name for g in blocked[:5]))
+        widths = resolve_widths(groups, model, self.round_to)
+        check_budget(groups, self.sparsity, model, self.scope, self.strategy, widths)
         blocks = None
         if self.criterion != "magnitude":
             if state.tokenizer is None:
@@ -122,14 +130,15 @@ class Prune(Pass):
             scores = score_groups(model, groups, self.criterion, blocks=blocks,
                                   batch_size=self.batch_size, progress=bool(state.progress))
         keep = allocate(groups, scores, self.sparsity, model=model, scope=self.scope,
-                        strategy=self.strategy, round_to=self.round_to,
-                        normalize=self.normalize)
+                        strategy=self.strategy, round_to=widths, normalize=self.normalize)
         state.plan = Plan.from_keep(groups, keep, model=model, scores=scores)
+        record_widths(state, self.name, widths, groups, keep)
         stats = {k: keep.stats[k] for k in ("total", "target", "removed", "sparsity",
                                             "normalize")}
         stats.update(criterion=self.criterion, strategy=self.strategy,
                      groups=len(keep), forwards=scores.stats.get("forwards", 0),
-                     wanda_fallback=sorted(scores.stats.get("wanda_fallback", {})))
+                     wanda_fallback=sorted(scores.stats.get("wanda_fallback", {})),
+                     round_to=str(widths))
         state.metrics.setdefault("prune", {}).update(stats)
         state.log.info("Prune: removed %d of %d parameters (%.1f%%, %s, %s)", stats["removed"],
                        stats["total"], 100 * stats["sparsity"], self.criterion, self.strategy)

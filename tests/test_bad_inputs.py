@@ -160,13 +160,13 @@ def test_round_to_larger_than_every_group_is_refused(capsys, tmp_path, spec):
 
 
 def test_round_to_blocking_some_groups_is_named():
-    from prunegraph.passes.allocate import check_round_to, rounding_blocked
+    from prunegraph.passes._widths import resolve_widths
 
     groups = list(groups_of("llama"))
-    applies, blocked = rounding_blocked(groups, 64)  # 96 channels: 64 is a smaller multiple
-    assert applies and not blocked
+    widths = resolve_widths(groups, None, 64)  # 96 channels: 64 is a smaller multiple
+    assert widths.multiples and not widths.blocked
     with pytest.raises(BudgetError, match="round_to=96 leaves no smaller size"):
-        check_round_to(groups, 96)
+        resolve_widths(groups, None, 96)
 
 
 # --------------------------------------------------------------------------- checkpoints
