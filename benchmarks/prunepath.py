@@ -254,9 +254,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def ddp_points(fractions, groups, cfg: dict, write) -> list[dict]:
-    """:func:`ddp_point` at every fraction, in ``cfg["workers"]`` spawned processes when > 1,
-    spread over the GPUs when ``cfg["device"]`` is ``cuda`` on a host with several."""
+def ddp_points(fractions, groups, cfg: dict, write, pool: bool = False) -> list[dict]:
+    """:func:`ddp_point` at every fraction, in ``cfg["workers"]`` spawned processes when > 1
+    (or ``pool``), spread over the GPUs when ``cfg["device"]`` is ``cuda`` on a host with
+    several."""
     group_dicts = [g.to_dict() for g in groups]
     devices = spread(cfg["device"])
     jobs = [(f, {**cfg, "device": devices[i % len(devices)]}) for i, f in enumerate(fractions)]
@@ -269,7 +270,7 @@ def ddp_points(fractions, groups, cfg: dict, write) -> list[dict]:
             f"({row['train_seconds']} s training)")
         write(rows)
 
-    if cfg["workers"] <= 1:
+    if cfg["workers"] <= 1 and not pool:
         for f, job in jobs:
             done(ddp_point(f, group_dicts, job))
         return rows
@@ -589,7 +590,7 @@ def main() -> None:
         def train_static() -> None:
             try:
                 ddp_points(args.static_fractions, groups, result["ddp"],
-                           lambda rows: write("ddp", rows))
+                           lambda rows: write("ddp", rows), pool=True)  # its own process
             except BaseException as e:  # noqa: BLE001 - raised again after the join
                 failed.append(e)
 
