@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 
 #: Written people's reading of a section goes below this line; a re-run keeps it.

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODELS = ["smollm2-135m", "meta:llama-3-8b", "meta:qwen3-32b", "meta:qwen3-30b-a3b"]
 TARGETS = {"smollm2-135m": 10.0, "meta:llama-3-8b": 30.0, "meta:qwen3-32b": 30.0, "meta:qwen3-30b-a3b": 30.0}
@@ -27,9 +27,9 @@ TARGETS = {"smollm2-135m": 10.0, "meta:llama-3-8b": 30.0, "meta:qwen3-32b": 30.0
 def measure(spec: str) -> dict:
     import torch
 
-    from prunegraph.analysis import analyze
-    from prunegraph.analysis.report import summary
-    from prunegraph.models import load_model
+    from prunegraph.ir.analysis import analyze
+    from prunegraph.ir.analysis.report import summary
+    from prunegraph.data.models import load_model
 
     t0 = time.perf_counter()
     model, _ = load_model(spec, tokenizer=False)

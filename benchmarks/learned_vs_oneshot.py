@@ -28,19 +28,19 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
-from prunegraph.analysis import analyze
-from prunegraph.models import load_model
-from prunegraph.pass_infra import State
-from prunegraph.runfolder import atomic_write_text
-from prunegraph.passes.evaluate import count_params
-from prunegraph.passes.evaluation import multiple_choice, perplexity
+from prunegraph.ir.analysis import analyze
+from prunegraph.data.models import load_model
+from prunegraph.pipeline.contract import State
+from prunegraph.pipeline.runfolder import atomic_write_text
+from prunegraph.passes.evaluation.evaluate import count_params
+from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.passes.finalize import Finalize
-from prunegraph.passes.gate import Gate
+from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.prune import Prune
-from prunegraph.passes.slicing import Slice
-from prunegraph.passes.train import Train
-from prunegraph.tasks import load_task
-from prunegraph.text import load_documents, split_documents, token_blocks
+from prunegraph.passes.slice import Slice
+from prunegraph.passes.train.loop import Train
+from prunegraph.data.tasks import load_task
+from prunegraph.data.text import load_documents, split_documents, token_blocks
 
 ONESHOT = ("magnitude", "wanda", "taylor")
 LEARNED = ("ddp", "hard_concrete")
@@ -213,7 +213,7 @@ def main() -> None:
     device = torch.device(args.device)
     base, tokenizer = load_model(args.model)
     if args.groups:
-        from prunegraph.groups import Group
+        from prunegraph.ir.groups import Group
 
         groups = [Group.from_dict(d) for d in json.loads(Path(args.groups).read_text())]
     else:

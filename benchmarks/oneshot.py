@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-from prunegraph.analysis import analyze
-from prunegraph.models import load_model
+from prunegraph.ir.analysis import analyze
+from prunegraph.data.models import load_model
 from prunegraph.passes.allocate import allocate
-from prunegraph.passes.evaluate import count_params
-from prunegraph.passes.evaluation import multiple_choice, perplexity
+from prunegraph.passes.evaluation.evaluate import count_params
+from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.passes.importance import score_groups
 from prunegraph.passes.prune import calibration_blocks
-from prunegraph.plan import Plan
-from prunegraph.runfolder import atomic_write_text
-from prunegraph.slicing import apply_plan
-from prunegraph.tasks import load_task
-from prunegraph.text import load_documents, split_documents, token_blocks
+from prunegraph.plan.plan import Plan
+from prunegraph.pipeline.runfolder import atomic_write_text
+from prunegraph.plan.slicing import apply_plan
+from prunegraph.data.tasks import load_task
+from prunegraph.data.text import load_documents, split_documents, token_blocks
 
 
 def prefill_seconds(model, ids: torch.Tensor) -> float:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
 TAUS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -61,13 +61,13 @@ def say(text: str) -> None:
 @functools.lru_cache(maxsize=1)
 def load(name: str):
     """The dense model and tokenizer, on the CPU, loaded once per process (never mutated)."""
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     return load_model(name)
 
 
 def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
-    from prunegraph.text import load_documents, split_documents, token_blocks
+    from prunegraph.data.text import load_documents, split_documents, token_blocks
 
     _, docs = split_documents(load_documents("wikipedia"))
     return token_blocks(tokenizer, docs, seq_len, n_blocks)
@@ -75,10 +75,10 @@ def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
 
 def load_groups(path: Path | None, model) -> list:
     """Groups from a JSON list of ``Group.to_dict()``, or from the analysis of ``model``."""
-    from prunegraph.groups import Group
+    from prunegraph.ir.groups import Group
 
     if path is None:
-        from prunegraph.analysis import analyze
+        from prunegraph.ir.analysis import analyze
 
         return analyze(model).groups
     return [Group.from_dict(d) for d in json.loads(path.read_text())]
@@ -91,7 +91,7 @@ def load_spec(path: Path, sets: list[str] | tuple = ()):
     """A spec with every pass it names registered (by importing the passes package, which
     works without the installed entry points too)."""
     import prunegraph.passes  # noqa: F401  (registers the passes)
-    from prunegraph.spec import load_spec as load
+    from prunegraph.pipeline.spec import load_spec as load
 
     return load(path, sets)
 
@@ -114,8 +114,8 @@ def example_passes(args) -> tuple[list, int]:
 
 def train_prunepath(args, groups, device: torch.device) -> dict:
     """Run the example's passes in-process on a copy of the dense model."""
-    from prunegraph.pass_infra import State
-    from prunegraph.pipeline import Pipeline
+    from prunegraph.pipeline.contract import State
+    from prunegraph.pipeline.pipeline import Pipeline
 
     passes, seed = example_passes(args)
     base, tok = load(MODEL)
@@ -149,8 +149,8 @@ def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int,
                  ) -> list[dict]:
     """One-shot Wanda pruning of the MLP channels only, uniform per layer, at each fraction
     (gates at 0/1 on ``model``, removed after each point)."""
-    from prunegraph.gating import apply_gates
-    from prunegraph.passes.evaluation import perplexity
+    from prunegraph.plan.gating import apply_gates
+    from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.importance import score_groups
     from prunegraph.passes.prune import calibration_blocks
 
@@ -185,13 +185,13 @@ def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     """DDP gates on the MLP channels at keep ratio ``fraction`` (same quota in every layer),
     trained, finalized to exactly that quota, sliced and evaluated."""
-    from prunegraph.groups import Group
-    from prunegraph.pass_infra import State
-    from prunegraph.passes.evaluation import perplexity
+    from prunegraph.ir.groups import Group
+    from prunegraph.pipeline.contract import State
+    from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.finalize import Finalize
-    from prunegraph.passes.gate import Gate
-    from prunegraph.passes.slicing import Slice
-    from prunegraph.passes.train import Train
+    from prunegraph.passes.gates.insert import Gate
+    from prunegraph.passes.slice import Slice
+    from prunegraph.passes.train.loop import Train
 
     say(f"static ddp f={fraction:.3f}: training on {cfg['device']}")
     base, tok = load(MODEL)

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 SECTION = "## PrunePath end-to-end greedy decoding (GPU)"
 TAUS = (0.5, 0.7, 0.9, 0.95)
@@ -61,7 +61,7 @@ TAUS = (0.5, 0.7, 0.9, 0.95)
 def load(args) -> tuple[torch.nn.Module, object, str]:
     """(model on CPU in float32 with routers installed, tokenizer or None, source note)."""
     import prunegraph
-    from prunegraph import prunepath as pp
+    from prunegraph.passes.prunepath import router as pp
 
     if args.from_run:
         model = prunegraph.from_pretrained(Path(args.from_run) / "model", dtype=torch.float32)
@@ -76,7 +76,7 @@ def load(args) -> tuple[torch.nn.Module, object, str]:
 
 
 def _base_model(args):
-    from prunegraph.models import load_config, load_model
+    from prunegraph.data.models import load_config, load_model
 
     if not args.random_init:
         return load_model(args.model)
@@ -98,10 +98,10 @@ def _tokenizer(run: str):
 def moefy_and_route(model, group_size: int, iters: int) -> None:
     """Analyze, MoEfy (balanced k-means experts) and install zero routers, as the example
     pipeline does, without training."""
-    from prunegraph.analysis import analyze
-    from prunegraph.pass_infra import State
-    from prunegraph.passes.moefy import MoEfy
-    from prunegraph.passes.prunepath import PrunePath
+    from prunegraph.ir.analysis import analyze
+    from prunegraph.pipeline.contract import State
+    from prunegraph.passes.prunepath.moefy import MoEfy
+    from prunegraph.passes.prunepath.training import PrunePath
 
     state = State(model=model, groups=list(analyze(model).groups))
     state = MoEfy(group_size=group_size, iters=iters)(state).state
@@ -112,7 +112,7 @@ def moefy_and_route(model, group_size: int, iters: int) -> None:
 def randomise_routers(model, prompt: torch.Tensor, logit_std: float, seed: int = 0) -> None:
     """Random router weights, each layer's scaled so its logits on ``prompt`` have std
     ``logit_std`` (peakier logits: fewer experts reach τ)."""
-    from prunegraph import prunepath as pp
+    from prunegraph.passes.prunepath import router as pp
 
     gen = torch.Generator().manual_seed(seed)
     for r in pp.routers(model):
@@ -136,7 +136,7 @@ class RouterSwitch:
     """Remove the routers (dense model) and put them back with the same weights and τ."""
 
     def __init__(self, model) -> None:
-        from prunegraph import prunepath as pp
+        from prunegraph.passes.prunepath import router as pp
 
         self.model, self.spec = model, pp.spec(model)
         self.weights = [r.weight.detach().clone() for r in pp.routers(model)]
@@ -145,13 +145,13 @@ class RouterSwitch:
         return [e["router"].rpartition(".")[0] for e in self.spec["layers"]]
 
     def remove(self) -> None:
-        from prunegraph import prunepath as pp
+        from prunegraph.passes.prunepath import router as pp
 
         pp.remove(self.model)
 
     @torch.no_grad()
     def restore(self) -> None:
-        from prunegraph import prunepath as pp
+        from prunegraph.passes.prunepath import router as pp
 
         routers = pp.install(self.model, self.spec["layers"], self.spec["tau"], self.spec["mode"])
         for r, w in zip(routers, self.weights):
@@ -162,7 +162,7 @@ def make_prompt(tokenizer, vocab: int, length: int, seed: int = 0) -> torch.Tens
     """A fixed ``[1, length]`` prompt: held-out Wikipedia text, or random ids without a
     tokenizer."""
     if tokenizer is not None:
-        from prunegraph.text import load_documents, split_documents, token_blocks
+        from prunegraph.data.text import load_documents, split_documents, token_blocks
 
         _, held_out = split_documents(load_documents("wikipedia"))
         return token_blocks(tokenizer, held_out, block_len=length, n_blocks=1, seed=seed)
@@ -232,7 +232,7 @@ def _agreement(tokens: list[int], ref: list[int]) -> int:
 
 def run_configs(model, switch: RouterSwitch, prompt, args, record) -> None:
     """Measure every configuration, calling ``record(row)`` after each."""
-    from prunegraph import prunepath as pp
+    from prunegraph.passes.prunepath import router as pp
 
     triton_ok = args.device != "cpu" or args.interpret
     skip = "skipped: no CUDA (pass --interpret for triton's CPU interpreter)"
@@ -303,7 +303,7 @@ def _measure_noting_fallbacks(model, prompt, args) -> dict:
 
 
 def _masked(model, prompt, args) -> dict:
-    from prunegraph import prunepath as pp
+    from prunegraph.passes.prunepath import router as pp
 
     pp.reset_stats(model)
     out = measure(model, prompt, *args.timing)
@@ -365,7 +365,7 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="a prunegraph.models.load_model spec")
+    ap.add_argument("--model", default="smollm2-135m", help="a prunegraph.data.models.load_model spec")
     ap.add_argument("--random-init", action="store_true",
                     help="the model's config with random weights (no GGUF needed; speed only)")
     ap.add_argument("--from-run", default=None, help="a saved PrunePath run folder (DIR/model)")

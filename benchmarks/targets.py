@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from _docs import replace_section
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
 SECTION = "## Targets on CPU: eager, fused, onnxruntime (SmolLM2-135M)"
@@ -47,14 +47,14 @@ def _median_time(fn, reps: int) -> tuple[float, list[float]]:
 
 
 def _inputs(tokenizer, length: int) -> torch.Tensor:
-    from prunegraph.text import load_documents, token_blocks
+    from prunegraph.data.text import load_documents, token_blocks
 
     return token_blocks(tokenizer, load_documents("wikipedia"), block_len=length, n_blocks=1)
 
 
 def _models(run: str | None):
     """(dense, pruned, tokenizer, graph of the dense model or None, pruning info)."""
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     dense, tokenizer = load_model(MODEL)
     if run:
@@ -62,11 +62,11 @@ def _models(run: str | None):
 
         pruned, _ = load_run_or_model(run)
         return dense, pruned, tokenizer, None, {"source": run}
-    from prunegraph.load_pass import Load
+    from prunegraph.pipeline.load import Load
     from prunegraph.passes.analyze import Analyze
     from prunegraph.passes.prune import Prune
-    from prunegraph.passes.slicing import Slice
-    from prunegraph.pipeline import Pipeline
+    from prunegraph.passes.slice import Slice
+    from prunegraph.pipeline.pipeline import Pipeline
 
     t = time.perf_counter()
     state = Pipeline([Load(MODEL), Analyze(), Prune(criterion="wanda", sparsity=0.2),

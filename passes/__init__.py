@@ -1,17 +1,22 @@
-"""Transformations over prunegraph's IR: analysis passes, gate families, training, finalize,
-slicing and MoEfication. Importing this package registers its passes and CLI commands."""
+"""Transformations over prunegraph's IR: analysis, importance and allocation, gate families,
+training, finalize, slicing, fusion, PrunePath and evaluation. Importing this package registers
+its passes and CLI commands; every pass class is importable from here::
 
-from prunegraph.passes import analyze  # noqa: F401,E402  (registers the Analyze pass)
-from prunegraph.passes import eval_cli  # noqa: F401,E402  (registers `prunegraph eval`)
-from prunegraph.passes import prune  # noqa: F401,E402  (registers the Prune pass)
-from prunegraph.passes import slicing  # noqa: F401,E402  (registers the Slice pass)
-from prunegraph.passes import evaluate  # noqa: F401,E402  (registers the Evaluate pass)
-from prunegraph.passes import save  # noqa: F401,E402  (registers the Save pass)
-from prunegraph.passes import moefy  # noqa: F401,E402  (registers the MoEfy pass)
-from prunegraph.passes import prunepath  # noqa: F401,E402  (registers PrunePath and TauSweep)
-from prunegraph.passes import gate  # noqa: F401,E402  (registers the Gate pass)
-from prunegraph.passes import train  # noqa: F401,E402  (registers the Train pass)
-from prunegraph.passes import finalize  # noqa: F401,E402  (registers the Finalize pass)
-from prunegraph.passes import fuse  # noqa: F401,E402  (registers the Fuse pass)
-from prunegraph.passes import sparse_prune  # noqa: F401,E402  (registers the SparsePrune pass)
-from prunegraph.passes import save_sparse  # noqa: F401,E402  (registers the SaveSparse pass)
+    from prunegraph.passes import Analyze, Prune, Slice
+"""
+
+from prunegraph.passes.analyze import Analyze
+from prunegraph.passes.evaluation import Evaluate
+from prunegraph.passes.finalize import Finalize
+from prunegraph.passes.fuse import Fuse
+from prunegraph.passes.gates import Gate
+from prunegraph.passes.prune import Prune
+from prunegraph.passes.prunepath import MoEfy, PrunePath, TauSweep
+from prunegraph.passes.save import Save
+from prunegraph.passes.save_sparse import SaveSparse
+from prunegraph.passes.slice import Slice
+from prunegraph.passes.sparse_prune import SparsePrune
+from prunegraph.passes.train import Train
+
+__all__ = ["Analyze", "Evaluate", "Finalize", "Fuse", "Gate", "MoEfy", "Prune", "PrunePath",
+           "Save", "SaveSparse", "Slice", "SparsePrune", "TauSweep", "Train"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PrunegraphError
-from prunegraph.masks import input_dim
+from prunegraph.plan.masks import input_dim
 from prunegraph.passes._calibration import batches
 
 __all__ = ["decoder_layers", "for_each_layer"]

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from prunegraph.groups import Group
+from prunegraph.ir.groups import Group
 from prunegraph.passes._param_space import ParamSpace, member_index_cost
 
 __all__ = ["GroupMoves", "build_moves"]

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.groups import Group, Member
+from prunegraph.ir.groups import Group, Member
+from prunegraph.ir.groups import removed_params as count_removed
 
 __all__ = ["SCOPES", "ParamSpace", "param_space", "decoder_stack", "removed_params",
            "member_index_cost"]
@@ -95,81 +96,15 @@ def member_index_cost(member: Member, shape: tuple[int, ...]) -> float:
     return n * member.inner
 
 
-def _kept_mask_1d(member: Member, size: int, kept: torch.Tensor, length: int) -> torch.Tensor:
-    mask = torch.ones(length, dtype=torch.bool)
-    mask[member.indices(torch.arange(size))] = False
-    if kept.numel():
-        mask[member.indices(kept)] = True
-    return mask
-
-
-def _kept_mask_2d(member: Member, size: int, kept: torch.Tensor, length: int) -> torch.Tensor:
-    """Per-expert kept mask ``[experts, length]``; ``kept`` is ``[experts, k]``."""
-    mask = torch.ones(kept.shape[0], length, dtype=torch.bool)
-    mask[:, member.indices(torch.arange(size))] = False
-    inner = torch.arange(member.inner)
-    idx = member.offset + (kept // member.div)[..., None] * member.step + inner
-    mask.scatter_(1, idx.reshape(kept.shape[0], -1), True)
-    return mask
-
-
 def removed_params(groups: Iterable[Group], keep: Mapping[str, torch.Tensor],
                    space: ParamSpace) -> int:
-    """Exact number of in-scope parameters removed when each group keeps ``keep[name]``.
+    """Exact number of in-scope parameters removed when each group keeps ``keep[name]``
+    (:func:`prunegraph.ir.groups.removed_params` over the space's canonical names)."""
+    def canonical(name: str) -> str | None:
+        name = space.canon.get(name, name)
+        return name if name in space.scope else None
 
-    Overlaps are counted once (an expert removed whole and some of its channels removed too); a
-    block shared by several units (``div > 1``) goes only when all of them go.
-    """
-    dim_masks: dict[str, dict[int, torch.Tensor]] = {}
-    pair_masks: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    for g in groups:
-        if g.name not in keep:
-            continue
-        kept = torch.as_tensor(keep[g.name], dtype=torch.long)
-        for m in g.members:
-            name = space.canon.get(m.param, m.param)
-            if name not in space.scope:
-                continue
-            shape = space.shapes[name]
-            if m.expert_dim is None:
-                units = torch.unique(kept) if kept.dim() == 2 else kept
-                mask = _kept_mask_1d(m, g.size, units, shape[m.dim])
-                masks = dim_masks.setdefault(name, {})
-                masks[m.dim] = masks[m.dim] & mask if m.dim in masks else mask
-                continue
-            experts = shape[m.expert_dim]
-            per_expert = kept if kept.dim() == 2 else kept.expand(experts, -1)
-            mask = _kept_mask_2d(m, g.size, per_expert, shape[m.dim])
-            pairs = pair_masks.setdefault(name, {})
-            key = (m.expert_dim, m.dim)
-            pairs[key] = pairs[key] & mask if key in pairs else mask
-    removed = 0
-    for name in set(dim_masks) | set(pair_masks):
-        shape = space.shapes[name]
-        removed += math.prod(shape) - _kept_numel(shape, dim_masks.get(name, {}),
-                                                  pair_masks.get(name, {}))
-    return int(removed)
-
-
-def _kept_numel(shape, masks: dict[int, torch.Tensor], pairs: dict) -> int:
-    if not pairs:
-        return math.prod(int(masks[d].sum()) if d in masks else n for d, n in enumerate(shape))
-    if len(pairs) == 1:
-        (ed, d), m2 = next(iter(pairs.items()))
-        if ed in masks:
-            m2 = m2 & masks[ed][:, None]
-        if d in masks:
-            m2 = m2 & masks[d][None, :]
-        rest = math.prod(int(masks[i].sum()) if i in masks else n
-                         for i, n in enumerate(shape) if i not in (ed, d))
-        return int(m2.sum()) * rest
-    full = torch.ones(shape, dtype=torch.bool)  # rare: several per-expert dims on one tensor
-    for d, m in masks.items():
-        view = [1] * len(shape)
-        view[d] = -1
-        full &= m.view(view)
-    for (ed, d), m2 in pairs.items():
-        view = [1] * len(shape)
-        view[ed], view[d] = m2.shape
-        full &= (m2 if ed < d else m2.T).reshape(view)
-    return int(full.sum())
+    selections = [(g, keep[g.name]) for g in groups if g.name in keep]
+    shapes = {m.param: space.shape(m.param) for g, _ in selections for m in g.members
+              if canonical(m.param) is not None}
+    return count_removed(selections, shapes, key=canonical)

@@ -51,9 +51,10 @@ import torch
 from torch import nn
 
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
-from prunegraph.groups import Group
+from prunegraph.ir.groups import Group
 from prunegraph.passes._moves import GroupMoves, build_moves
 from prunegraph.passes._param_space import ParamSpace, param_space, removed_params
+from prunegraph.plan.plan import routing_top_k
 
 __all__ = [
     "STRATEGIES", "Allocation", "allocate", "check_budget", "check_sparsity", "max_removable",
@@ -97,15 +98,6 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _top_k(model: nn.Module | None) -> int:
-    config = getattr(model, "config", None)
-    for key in ("num_experts_per_tok", "top_k", "moe_topk"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1
-
-
 def _zero_scores(groups: Iterable[Group], space: ParamSpace) -> dict[str, torch.Tensor]:
     out = {}
     for g in groups:
@@ -131,7 +123,7 @@ def max_removable(groups: Iterable[Group], model: nn.Module, scope: str = "decod
     groups, space = _setup(groups, model, scope, strategy, round_to)
     with _one_thread():
         units = build_moves(groups, _zero_scores(groups, space), space, strategy=strategy,
-                            round_to=int(round_to), top_k=_top_k(model))
+                            round_to=int(round_to), top_k=routing_top_k(model))
         keep = {}
         for u in units:
             keep.update(u.keep(len(u.costs)))
@@ -197,7 +189,7 @@ def allocate(groups: Iterable[Group], scores: Mapping[str, torch.Tensor], sparsi
         if normalize == "group":
             chosen = {n: s / m if (m := float(s.mean())) > 0 else s for n, s in chosen.items()}
         units = build_moves(groups, chosen, space,
-                            strategy=strategy, round_to=int(round_to), top_k=_top_k(model))
+                            strategy=strategy, round_to=int(round_to), top_k=routing_top_k(model))
         taken, keep, removed = _take(units, groups, space, target)
     stats = {
         "strategy": strategy, "scope": scope, "normalize": normalize, "total": space.total,

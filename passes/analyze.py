@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunegraph.analysis import analyze
-from prunegraph.analysis.report import summary
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.ir.analysis import analyze
+from prunegraph.ir.analysis.report import summary
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Analyze"]
 

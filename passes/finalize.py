@@ -1,4 +1,4 @@
-"""The ``Finalize`` pass: trained gate values -> a :class:`~prunegraph.plan.Plan`.
+"""The ``Finalize`` pass: trained gate values -> a :class:`~prunegraph.plan.plan.Plan`.
 
 ``mode``:
 
@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Finalize", "keep_from_values", "plan_from_values"]
 
@@ -92,10 +92,10 @@ def _order_by(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def plan_from_values(family, values: dict[str, torch.Tensor], mode: str, model=None,
                      round_to: int = 1, fold_scales: bool = True):
-    """The :class:`~prunegraph.plan.Plan` that Finalize makes from gate ``values`` (CPU float):
+    """The :class:`~prunegraph.plan.plan.Plan` that Finalize makes from gate ``values`` (CPU float):
     the kept units of ``mode``, constraints repaired, kept values as scales if ``fold_scales``.
     Train's polish phase trains under the same choice, so it calls this too."""
-    from prunegraph.plan import Plan
+    from prunegraph.plan.plan import Plan
 
     keep = keep_from_values(family, values, mode, model=model, round_to=round_to)
     return Plan.from_keep(family.groups, keep, scales=values if fold_scales else None,

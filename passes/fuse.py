@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunegraph.errors import PostconditionError, PreconditionError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
            "fold_gates"]
@@ -132,12 +132,12 @@ def _plain_linear(module: Any) -> bool:
 def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list[str]]]:
     """Sets of sibling linears: ``[(parent path, [child names in call order]), ...]``.
 
-    Reads the captured graph (``prunegraph.capture.capture(model)`` unless ``graph`` is given):
+    Reads the captured graph (``prunegraph.ir.capture.capture(model)`` unless ``graph`` is given):
     plain ``nn.Linear`` modules of one parent whose ``aten.linear`` nodes take the same input node.
     Linears with tied weights, called more than once, or of different dtypes are left alone.
     """
     if graph is None:
-        from prunegraph.capture import capture
+        from prunegraph.ir.capture import capture
 
         graph = capture(model)
     modules = dict(model.named_modules())

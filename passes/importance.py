@@ -5,7 +5,7 @@ its ``gate_proj`` and ``up_proj`` rows and its ``down_proj`` column; a query hea
 ``q_proj`` rows, its ``o_proj`` columns and its share of the ``k_proj``/``v_proj`` rows.
 
 Every criterion first gives a per-weight score tensor ``e`` of the member's shape, then reduces it
-to units with :func:`unit_sums` (the unit's slice, see :class:`prunegraph.groups.Member`):
+to units with :func:`unit_sums` (the unit's slice, see :class:`prunegraph.ir.groups.Member`):
 
 * ``magnitude``: ``e = W**2``; the unit score is the group L2 norm ``sqrt(sum_members sum_slice e)``.
 * ``wanda``: ``e = |W_ij| * ||X_j||_2`` (Sun et al. 2023), ``X_j`` the ``j``-th input feature of the
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PreconditionError, SpecError
-from prunegraph.groups import Group, Member
+from prunegraph.ir.groups import Group, Member
 
 __all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params"]
 
@@ -96,9 +96,7 @@ def unit_sums(member: Member, size: int, elem: torch.Tensor) -> torch.Tensor:
         v = v[None]
     elif member.expert_dim > member.dim:
         v = v.transpose(0, 1)
-    blocks = size // member.div
-    idx = (member.offset + torch.arange(blocks)[:, None] * member.step
-           + torch.arange(member.inner)[None, :]).to(v.device)
+    idx = member.block_positions(size).to(v.device)
     per_block = v[:, idx].sum(-1)
     per_unit = per_block[:, torch.arange(size, device=v.device) // member.div] / member.div
     return per_unit if member.expert_dim is not None else per_unit[0]
@@ -111,7 +109,7 @@ def score_groups(model: nn.Module, groups: Iterable[Group], criterion: str = "wa
 
     Args:
         model: the user's module (left unchanged: no hook, gradient or ``requires_grad`` survives).
-        groups: groups of this model (``prunegraph.analysis.analyze(model).groups``).
+        groups: groups of this model (``prunegraph.ir.analysis.analyze(model).groups``).
         criterion: ``magnitude``, ``wanda`` or ``taylor`` (see the module docstring).
         blocks: ``LongTensor[n, block_len]`` of calibration token ids; needed by wanda and taylor.
         batch_size: blocks per forward.
@@ -126,7 +124,7 @@ def score_groups(model: nn.Module, groups: Iterable[Group], criterion: str = "wa
     if criterion != "magnitude" and (blocks is None or blocks.numel() == 0):
         raise PreconditionError(
             f"criterion '{criterion}' needs calibration token blocks; pass blocks="
-            "prunegraph.text.token_blocks(tokenizer, docs, block_len, n_blocks), or use "
+            "prunegraph.data.text.token_blocks(tokenizer, docs, block_len, n_blocks), or use "
             "criterion='magnitude', which needs none."
         )
     if batch_size < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.passes.allocate import check_sparsity, allocate, check_budget
 from prunegraph.passes.importance import score_groups
 
@@ -26,7 +26,7 @@ __all__ = ["Prune", "calibration_blocks"]
 
 def calibration_blocks(tokenizer, source: str, block_len: int, n_blocks: int):
     """``n_blocks`` token blocks from the *calibration* split of ``source`` (never evaluation)."""
-    from prunegraph.text import load_documents, split_documents, token_blocks
+    from prunegraph.data.text import load_documents, split_documents, token_blocks
 
     calibration, _ = split_documents(load_documents(source))
     return token_blocks(tokenizer, calibration, block_len, n_blocks)
@@ -62,7 +62,7 @@ class Prune(Pass):
                 raise SpecError(f"pass Prune: {key} must be >= {low}, got {getattr(self, key)}")
 
     def run(self, state: State) -> PassResult:
-        from prunegraph.plan import Plan
+        from prunegraph.plan.plan import Plan
 
         model, groups = state.model, list(state.groups)
         check_budget(groups, self.sparsity, model, self.scope, self.strategy, self.round_to)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from prunegraph.checkpoint import save_pruned
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
-from prunegraph.runfolder import run_path
+from prunegraph.plan.checkpoint import save_pruned
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.runfolder import run_path
 
 __all__ = ["Save"]
 

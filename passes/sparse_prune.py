@@ -14,7 +14,7 @@ The baselines every learned weight mask (LEAP) is compared against, unstructured
   linear's Hessian from the same layer-by-layer calibration; the kept weights are *updated*.
 
 The weights are zeroed (and, for SparseGPT, updated) in place, so the model stays a plain HF
-model; ``state.masks`` is the :class:`~prunegraph.masks.MaskSet`, and with a run folder
+model; ``state.masks`` is the :class:`~prunegraph.plan.masks.MaskSet`, and with a run folder
 ``<run>/sparsity/`` gets the per-layer table and plot. Which weights are masked:
 :func:`prunable_weights` (every decoder-layer linear; embeddings and ``lm_head`` stay dense).
 """
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.masks import MaskSet, masks_from, parse_pattern, sparse_linears
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
+from prunegraph.plan.masks import MaskSet, masks_from, parse_pattern, sparse_linears
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["SparsePrune", "prunable_weights", "oneshot_masks", "resolve_sparsity"]
 
 
 def prunable_weights(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, int]]:
-    """The masked weights: :func:`~prunegraph.masks.sparse_linears` inside the decoder layers."""
+    """The masked weights: :func:`~prunegraph.plan.masks.sparse_linears` inside the decoder layers."""
     from prunegraph.passes._layerwise import decoder_layers
 
     path, _ = decoder_layers(model)

@@ -1,16 +1,16 @@
 """prunegraph: a compiler for pruning language models."""
 
 from prunegraph.errors import *  # noqa: F401,F403
-from prunegraph.groups import Constraints, Group, Member
-from prunegraph.capture import capture  # noqa: E402  (the function shadows its module's name)
+from prunegraph.ir.groups import Constraints, Group, Member
+from prunegraph.ir.capture import capture  # noqa: E402  (the function shadows its module's name)
 
 __all__ = ["Constraints", "Group", "Member", "capture", "analyze", "load_model", "Plan", "apply_gates", "remove_gates", "apply_plan",
            "save_pruned", "from_pretrained"]
 
-_LAZY = {"analyze": "prunegraph.analysis",
-         "load_model": "prunegraph.models", "Plan": "prunegraph.plan", "apply_gates": "prunegraph.gating",
-         "remove_gates": "prunegraph.gating", "apply_plan": "prunegraph.slicing",
-         "save_pruned": "prunegraph.checkpoint", "from_pretrained": "prunegraph.checkpoint"}
+_LAZY = {"analyze": "prunegraph.ir.analysis",
+         "load_model": "prunegraph.data.models", "Plan": "prunegraph.plan.plan", "apply_gates": "prunegraph.plan.gating",
+         "remove_gates": "prunegraph.plan.gating", "apply_plan": "prunegraph.plan.slicing",
+         "save_pruned": "prunegraph.plan.checkpoint", "from_pretrained": "prunegraph.plan.checkpoint"}
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from prunegraph.cli import command
+from prunegraph.cli.main import command
 
 __all__ = ["export_target", "EXPORT_TARGETS"]
 

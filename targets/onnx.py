@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.capture import traceable_experts
+from prunegraph.ir.capture import traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, register_pass
-from prunegraph.runfolder import run_path
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.runfolder import run_path
 from prunegraph.targets.export_cli import export_target
 
 __all__ = ["ExportONNX", "OnnxExportError", "export_onnx", "load_run_or_model", "run_onnx"]
@@ -342,8 +342,8 @@ def _compare(model: nn.Module, path: Path, shape: tuple[int, int], atol: float,
 
 def load_run_or_model(spec: str):
     """``(model, tokenizer)`` from a run folder (its ``model/``), a model folder or a load_model spec."""
-    from prunegraph.models import load_model
-    from prunegraph.runfolder import RunFolder
+    from prunegraph.data.models import load_model
+    from prunegraph.pipeline.runfolder import RunFolder
 
     path = Path(spec)
     if path.is_dir() and RunFolder.is_run_folder(path):

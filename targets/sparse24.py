@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.masks import nm_violations
+from prunegraph.plan.masks import nm_violations
 
 __all__ = ["Candidate", "candidates", "to_semi_structured", "load_semi_structured",
            "cutlass_roundtrip", "BACKENDS", "resolve_backend"]
@@ -167,7 +167,7 @@ def load_semi_structured(path: str, backend: str = "auto", device: str = "cuda",
 
     from transformers import AutoModelForCausalLM
 
-    from prunegraph.masks import MASKS_FILE, MaskSet
+    from prunegraph.plan.masks import MASKS_FILE, MaskSet
 
     masks = MaskSet.load(Path(path) / MASKS_FILE)
     if masks.pattern != "2:4":

@@ -10,7 +10,7 @@ import torch
 
 from _pruning_fixtures import fresh, groups_of
 from _tiny_tokenizer import make_tokenizer
-from prunegraph.pass_infra import State
+from prunegraph.pipeline.contract import State
 
 WORDS = ("the of and to in a is was for on that with as by at from his her it an were are which "
          "this be or has had first new one two their after its who").split()
@@ -39,7 +39,7 @@ def corpus(tmp_path) -> str:
 
 
 def gated_state(arch: str, family: str = "ddp", sparsity: float = 0.3, **gate_kw) -> State:
-    from prunegraph.passes.gate import Gate
+    from prunegraph.passes.gates.insert import Gate
 
     state = State(model=fresh(arch), tokenizer=make_tokenizer(), groups=list(groups_of(arch)))
     return Gate(family=family, sparsity=sparsity, **gate_kw)(state).state

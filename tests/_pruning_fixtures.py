@@ -1,7 +1,7 @@
 """Shared helpers for the gating / plan / slicing / checkpoint tests: tiny models, their groups,
 random plans.
 
-Groups come from ``prunegraph.analysis.analyze``; since capturing takes seconds per model, they are
+Groups come from ``prunegraph.ir.analysis.analyze``; since capturing takes seconds per model, they are
 cached in-process and on disk under ``.pytest_cache`` keyed by the analysis sources, transformers
 version and architecture (stale caches are impossible: any change to the analysis changes the key).
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from prunegraph.groups import Group
-from prunegraph.models import RANDOM_CONFIGS, load_model
-from prunegraph.plan import Plan
+from prunegraph.ir.groups import Group
+from prunegraph.data.models import RANDOM_CONFIGS, load_model
+from prunegraph.plan.plan import Plan
 
 ARCHS = sorted(RANDOM_CONFIGS)
 _ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +39,8 @@ def fresh(arch: str) -> torch.nn.Module:
 
 def _analysis_key(arch: str) -> str:
     h = hashlib.sha256(f"{arch}|{transformers.__version__}|{torch.__version__}".encode())
-    for f in sorted((_ROOT / "prunegraph" / "analysis").glob("*.py")) + [
-            _ROOT / "prunegraph" / "capture.py", _ROOT / "prunegraph" / "groups.py"]:
-        if f.exists():
-            h.update(f.read_bytes())
+    for f in sorted((_ROOT / "prunegraph" / "ir").rglob("*.py")):
+        h.update(f.read_bytes())
     return h.hexdigest()[:20]
 
 
@@ -52,7 +50,7 @@ def groups_of(arch: str) -> tuple[Group, ...]:
     path = _CACHE / f"{arch}-{_analysis_key(arch)}.json"
     if path.exists():
         return tuple(Group.from_dict(d) for d in json.loads(path.read_text()))
-    from prunegraph.analysis import analyze
+    from prunegraph.ir.analysis import analyze
 
     groups = analyze(fresh(arch)).groups
     _CACHE.mkdir(parents=True, exist_ok=True)
@@ -80,7 +78,7 @@ def random_keep(groups, seed: int, *, p_group: float = 0.8) -> dict[str, torch.T
 
 
 def random_scales(groups, keep, seed: int) -> dict[str, torch.Tensor]:
-    from prunegraph.gating import gate_shape
+    from prunegraph.plan.gating import gate_shape
 
     gen = torch.Generator().manual_seed(seed + 1)
     by_name = {g.name: g for g in groups}

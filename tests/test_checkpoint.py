@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_plan
 from prunegraph import from_pretrained
-from prunegraph.checkpoint import save_pruned
+from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.errors import CheckpointError
-from prunegraph.plan import Plan
-from prunegraph.slicing import apply_plan
+from prunegraph.plan.plan import Plan
+from prunegraph.plan.slicing import apply_plan
 
 
 def _pruned(arch, plan):
@@ -121,7 +121,7 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
 
 
 def test_load_model_reads_pruned_folders(tmp_path):
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     plan = random_plan("phi3", 8)
     model = _pruned("phi3", plan)

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from _gate_fixtures import gated_state, ids, one_thread  # noqa: F401
 from _pruning_fixtures import fresh, groups_of
 from prunegraph.errors import BudgetError, SpecError
-from prunegraph.passes.gate import Gate
+from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.gates import make_family
 from prunegraph.passes.gates.ddp import mu_schedule, retention_score, ste_relu
 

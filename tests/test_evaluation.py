@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from prunegraph.errors import PrunegraphError
-from prunegraph.models import load_model
-from prunegraph.passes.evaluation import multiple_choice, perplexity, select_examples
-from prunegraph.tasks import BUILTIN_TASKS, load_task, task_from_json
-from prunegraph.text import Document, token_blocks
+from prunegraph.data.models import load_model
+from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity, select_examples
+from prunegraph.data.tasks import BUILTIN_TASKS, load_task, task_from_json
+from prunegraph.data.text import Document, token_blocks
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _tiny_tokenizer import make_tokenizer  # noqa: E402
@@ -180,7 +180,7 @@ def test_bad_tasks_fail_clearly(tmp_path):
 
 def _args(**over):
     import prunegraph.passes  # noqa: F401  (registers the command)
-    from prunegraph.cli import _COMMANDS
+    from prunegraph.cli.main import _COMMANDS
 
     _, configure, fn = _COMMANDS["eval"]
     parser = argparse.ArgumentParser()
@@ -196,12 +196,12 @@ def test_eval_command_end_to_end(tmp_path, monkeypatch, model, tok):
     text.write_text("\n\n".join(f"Paragraph {i} is about topic {i * 7}." for i in range(8)))
     task_path = tmp_path / "synthetic.json"
     task_path.write_text(json.dumps(SYNTHETIC))
-    monkeypatch.setattr("prunegraph.models.load_model", lambda spec: (model, tok))
+    monkeypatch.setattr("prunegraph.data.models.load_model", lambda spec: (model, tok))
     out = tmp_path / "results.json"
     fn, args = _args(text=text, ppl_blocks=2, seq_len=8, tasks=str(task_path), json=out)
     assert fn(args) == 0
     res = json.loads(out.read_text())
-    from prunegraph.text import load_documents, split_documents
+    from prunegraph.data.text import load_documents, split_documents
 
     blocks = token_blocks(tok, split_documents(load_documents(str(text)))[1], 8, n_blocks=2)
     assert res["perplexity"]["value"] == pytest.approx(perplexity(model, blocks, progress=False))
@@ -222,7 +222,7 @@ def test_eval_command_checks_arguments_before_loading(monkeypatch, over, match):
     def no_load(spec):
         raise AssertionError("model loaded before the arguments were checked")
 
-    monkeypatch.setattr("prunegraph.models.load_model", no_load)
+    monkeypatch.setattr("prunegraph.data.models.load_model", no_load)
     fn, args = _args(**over)
     with pytest.raises(PrunegraphError, match=match):
         fn(args)

@@ -9,8 +9,8 @@ import torch
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
 from prunegraph.passes._param_space import param_space
 from prunegraph.passes.finalize import Finalize
-from prunegraph.passes.slicing import Slice
-from prunegraph.passes.train import Train
+from prunegraph.passes.slice import Slice
+from prunegraph.passes.train.loop import Train
 
 
 def _trained(arch, corpus, steps=12, **gate_kw):
@@ -74,8 +74,8 @@ def test_without_scales_the_plan_is_binary(corpus):
 def test_pipeline_order_is_validated_before_running():
     from prunegraph.errors import SpecError
     from prunegraph.passes.analyze import Analyze
-    from prunegraph.passes.gate import Gate
-    from prunegraph.pipeline import Pipeline
+    from prunegraph.passes.gates.insert import Gate
+    from prunegraph.pipeline.pipeline import Pipeline
 
     Pipeline([Analyze(), Gate(), Train(), Finalize(), Slice()])            # the valid order
     with pytest.raises(SpecError, match="trained_gates"):

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_keep, random_plan
-from prunegraph.capture import capture
-from prunegraph.gating import apply_gates, gate_shape
-from prunegraph.pass_infra import State
+from prunegraph.ir.capture import capture
+from prunegraph.plan.gating import apply_gates, gate_shape
+from prunegraph.pipeline.contract import State
 from prunegraph.passes.fuse import Fuse, FusedLinear, FusedPart, fuse, unfuse
-from prunegraph.slicing import apply_plan
+from prunegraph.plan.slicing import apply_plan
 
 #: architectures with separate sibling projections, and the sets the graph should yield per layer
 EXPECTED = {

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from _pruning_fixtures import fresh, groups_of, input_ids, logits
 from prunegraph.errors import PlanError, PrunegraphError
-from prunegraph.gating import apply_gates, gate_shape, remove_gates, unit_multiplier
-from prunegraph.groups import Member
+from prunegraph.plan.gating import apply_gates, gate_shape, remove_gates, unit_multiplier
+from prunegraph.ir.groups import Member
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "phi3", "gpt2", "qwen2-moe"])

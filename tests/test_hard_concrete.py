@@ -11,7 +11,7 @@ import torch
 from _gate_fixtures import gated_state, ids, one_thread  # noqa: F401
 from _pruning_fixtures import fresh, groups_of
 from prunegraph.errors import SpecError
-from prunegraph.passes.gate import Gate
+from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.gates import make_family
 from prunegraph.passes.gates.hard_concrete import deterministic_gate, nonzero_probability
 

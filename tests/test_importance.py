@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
-from prunegraph.groups import Constraints, Group, Member
-from prunegraph.models import load_model
-from prunegraph.pass_infra import State, get_pass_class
+from prunegraph.ir.groups import Constraints, Group, Member
+from prunegraph.data.models import load_model
+from prunegraph.pipeline.contract import State, get_pass_class
 from prunegraph.passes.allocate import allocate, check_budget, max_removable
 from prunegraph.passes.importance import score_groups, unit_sums
 from prunegraph.passes.prune import Prune, calibration_blocks
@@ -390,7 +390,7 @@ def test_allocation_at_the_limit_keeps_minimum_units():
 
 
 def test_moe_allocation_respects_top_k_and_equal_expert_channels():
-    from prunegraph.plan import Plan
+    from prunegraph.plan.plan import Plan
 
     model = _model("qwen3-moe")
     groups = moe_groups(model)
@@ -478,7 +478,7 @@ def _docs(tmp_path):
 
 
 def test_calibration_blocks_come_from_the_calibration_split_only(tmp_path):
-    from prunegraph.text import load_documents, split_documents
+    from prunegraph.data.text import load_documents, split_documents
 
     source, _ = _docs(tmp_path)
     tok = make_tokenizer()

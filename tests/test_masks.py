@@ -7,7 +7,7 @@ import torch
 
 from _pruning_fixtures import fresh
 from prunegraph.errors import CheckpointError, PrunegraphError, SpecError
-from prunegraph.masks import (MaskSet, layer_index, nm_violations, parse_pattern,
+from prunegraph.plan.masks import (MaskSet, layer_index, nm_violations, parse_pattern,
                               sparse_linears)
 
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import State
-from prunegraph.passes.moefy import (
+from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath.moefy import (
     MoEfy, balanced_kmeans, channel_features, expert_sizes, feature_member, moefy,
 )
 

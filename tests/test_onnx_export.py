@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from _pruning_fixtures import ARCHS, fresh, random_plan
-from prunegraph.cli import main
+from prunegraph.cli.main import main
 from prunegraph.errors import PreconditionError, SpecError
-from prunegraph.gating import apply_gates
-from prunegraph.slicing import apply_plan
+from prunegraph.plan.gating import apply_gates
+from prunegraph.plan.slicing import apply_plan
 from prunegraph.targets.onnx import ExportONNX, OnnxExportError, export_onnx, run_onnx
 
 pytest.importorskip("onnxruntime")
@@ -74,7 +74,7 @@ def test_cli_exports_a_saved_run_folder(tmp_path, capsys):
     """``prunegraph export onnx RUN out.onnx`` on a run folder whose model/ is a pruned checkpoint."""
     import json
 
-    from prunegraph.checkpoint import save_pruned
+    from prunegraph.plan.checkpoint import save_pruned
 
     model, plan = fresh("llama"), random_plan("llama", seed=4)
     apply_plan(model, plan)
@@ -185,7 +185,7 @@ def test_gated_model_is_refused(tmp_path):
 
 
 def test_pass_parameters_and_relative_path():
-    from prunegraph.pass_infra import State
+    from prunegraph.pipeline.contract import State
 
     with pytest.raises(SpecError, match=r"\.onnx"):
         ExportONNX(path="model.bin")

@@ -11,11 +11,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import prunegraph.pipeline as pipeline_mod
+import prunegraph.pipeline.pipeline as pipeline_mod
 from prunegraph.errors import PassError, PostconditionError, SpecError
-from prunegraph.pass_infra import Pass, PassResult, State, isolated_registry, register_pass
-from prunegraph.pipeline import Pipeline, register_check
-from prunegraph.runfolder import atomic_dir
+from prunegraph.pipeline.contract import Pass, PassResult, State, isolated_registry, register_pass
+from prunegraph.pipeline.pipeline import Pipeline, register_check
+from prunegraph.pipeline.runfolder import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from _pruning_fixtures import fresh, groups_of, random_plan
 from prunegraph.errors import BudgetError, PlanError
-from prunegraph.groups import Constraints, Group, Member
-from prunegraph.plan import Plan
+from prunegraph.ir.groups import Constraints, Group, Member
+from prunegraph.plan.plan import Plan
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -95,7 +95,7 @@ def test_bad_requests_are_plan_errors():
 
 
 def test_report_counts_parameters_exactly():
-    from prunegraph.slicing import apply_plan
+    from prunegraph.plan.slicing import apply_plan
 
     plan = random_plan("qwen2-moe", 11)
     model = fresh("qwen2-moe")
@@ -155,7 +155,7 @@ def test_check_model_names_the_differences():
     plan = random_plan("llama", 3)
     with pytest.raises(PlanError, match="model class: plan LlamaForCausalLM, model MistralForCausalLM"):
         plan.check_model(fresh("mistral"))
-    from prunegraph.models import load_config
+    from prunegraph.data.models import load_config
     from transformers import AutoModelForCausalLM
 
     config = load_config("random:llama")
@@ -163,3 +163,18 @@ def test_check_model_names_the_differences():
     other = AutoModelForCausalLM.from_config(config)
     with pytest.raises(PlanError, match="intermediate_size: plan 96, model 128"):
         plan.check_model(other)
+
+
+@pytest.mark.parametrize("key", ["num_experts_per_tok", "moe_topk", "moe_top_k", "top_k"])
+def test_plan_and_allocator_read_the_same_routing_top_k(key):
+    """Every spelling of the routed-experts count sets the experts floor for both the plan and
+    the allocator (they once read different key lists: moe_top_k vs moe_topk)."""
+    from types import SimpleNamespace
+
+    import prunegraph.passes.allocate as allocate
+    from prunegraph.plan.plan import routing_top_k
+
+    model = SimpleNamespace(config=SimpleNamespace(**{key: 3}))
+    assert routing_top_k(model) == 3
+    assert allocate.routing_top_k is routing_top_k
+    assert routing_top_k(SimpleNamespace(config=SimpleNamespace())) == 1

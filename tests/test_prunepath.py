@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import prunegraph
-from prunegraph import prunepath as pp
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.pass_infra import State
-from prunegraph.passes.moefy import MoEfy
-from prunegraph.passes.prunepath import PrunePath, PrunePathObjective, TauSweep, sweep
-from prunegraph.passes.train import Train, TrainingHalted
+from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath.moefy import MoEfy
+from prunegraph.passes.prunepath.training import PrunePath, PrunePathObjective, TauSweep, sweep
+from prunegraph.passes.train.loop import Train, TrainingHalted
 from prunegraph.targets.triton.prunepath import prunepath_ffn_reference, prunepath_gates
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -231,7 +231,7 @@ def test_tau_sweep_records_points():
 
 def test_tau_sweep_on_a_loaded_checkpoint(tmp_path):
     """One saved checkpoint, swept later through the ordinary loader (`model: DIR`)."""
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     model, state = _routed("llama", tau=0.6)
     prunegraph.save_pruned(model, state.plan, tmp_path / "m", tokenizer=make_tokenizer())

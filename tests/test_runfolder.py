@@ -11,9 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prunegraph.runfolder as rf
+import prunegraph.pipeline.runfolder as rf
 from prunegraph.errors import SpecError
-from prunegraph.runfolder import (
+from prunegraph.pipeline.runfolder import (
     MARKER,
     RunFolder,
     atomic_dir,

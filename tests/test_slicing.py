@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from _pruning_fixtures import ARCHS, fresh, groups_of, input_ids, logits, random_plan
 from prunegraph.errors import PlanError, PreconditionError
-from prunegraph.gating import apply_gates
-from prunegraph.plan import Plan
-from prunegraph.slicing import apply_plan
+from prunegraph.passes._param_space import param_space, removed_params
+from prunegraph.plan.gating import apply_gates
+from prunegraph.plan.plan import Plan
+from prunegraph.plan.slicing import apply_plan
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -27,6 +28,10 @@ def test_sliced_equals_gated(arch, seed):
     torch.testing.assert_close(logits(sliced, ids), logits(gated, ids), atol=2e-5, rtol=1e-4)
     assert stats["params_before"] - stats["params_after"] == plan.report["params_removed"]
     assert stats["params_after"] == sum(p.numel() for p in sliced.parameters())
+    # the allocator counts removed parameters with the same index map as the plan and slicing
+    space = param_space(fresh(arch), scope="all")
+    keep = {pg.name: pg.keep for pg in plan.groups}
+    assert removed_params(groups_of(arch), keep, space) == plan.report["params_removed"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "phi3"])
@@ -93,8 +98,8 @@ def test_gated_model_is_refused():
 
 
 def test_slice_pass_removes_gates_and_slices():
-    import prunegraph.passes.slicing  # noqa: F401  (registers Slice)
-    from prunegraph.pass_infra import State, get_pass_class
+    import prunegraph.passes.slice  # noqa: F401  (registers Slice)
+    from prunegraph.pipeline.contract import State, get_pass_class
 
     model = fresh("qwen3-moe")
     plan = random_plan("qwen3-moe", 5)
@@ -110,7 +115,7 @@ def test_slice_pass_removes_gates_and_slices():
 def test_sliced_moe_with_unaligned_experts_is_analysed_again(arch):
     """Slicing leaves unaligned expert modules on the eager loop (per-module config copies);
     capture switches them to a traceable path itself, so a pruned model can be pruned again."""
-    from prunegraph.analysis import analyze
+    from prunegraph.ir.analysis import analyze
 
     model = fresh(arch)
     apply_plan(model, random_plan(arch, seed=5))

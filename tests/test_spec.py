@@ -12,11 +12,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunegraph import run_cli
+from prunegraph.cli import run_command as run_cli
 from prunegraph.errors import SpecError
-from prunegraph.load_pass import Load
-from prunegraph.pass_infra import Pass, PassResult, State, isolated_registry, register_pass
-from prunegraph.spec import Spec, load_spec, parse_value
+from prunegraph.pipeline.load import Load
+from prunegraph.pipeline.contract import Pass, PassResult, State, isolated_registry, register_pass
+from prunegraph.pipeline.spec import Spec, load_spec, parse_value
 
 RAN: list[str] = []
 

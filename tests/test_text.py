@@ -1,4 +1,4 @@
-"""Text sources, the by-document split and token blocks (prunegraph.text)."""
+"""Text sources, the by-document split and token blocks (prunegraph.data.text)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunegraph.errors import PrunegraphError
-from prunegraph.text import (Document, load_documents, split_documents, token_blocks,
+from prunegraph.data.text import (Document, load_documents, split_documents, token_blocks,
                              tokenizer_adds_bos)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

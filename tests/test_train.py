@@ -11,8 +11,8 @@ import torch
 
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
 from prunegraph.errors import SpecError
-from prunegraph.pass_infra import State
-from prunegraph.passes.train import Train, TrainingHalted, lr_factor
+from prunegraph.pipeline.contract import State
+from prunegraph.passes.train.loop import Train, TrainingHalted, lr_factor
 
 
 def _train(state: State, run_dir, **kw):
@@ -65,7 +65,7 @@ def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     """The polish fixes Finalize's choice on the gates the search ended with; the kept gates
     still move, the removed ones end at 0, Finalize then keeps that set, sliced equals gated."""
     from prunegraph.passes.finalize import Finalize, plan_from_values
-    from prunegraph.passes.slicing import Slice
+    from prunegraph.passes.slice import Slice
 
     state = gated_state(arch, sparsity=0.3, lr=0.1)
     seen = []

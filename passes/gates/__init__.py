@@ -1,7 +1,7 @@
 """Gate families for mask training: one interface (:class:`GateFamily`), several methods.
 
 ``make_family("ddp", groups, sparsity=0.2, model=model)`` builds one by name; the Train pass
-(:mod:`prunegraph.passes.train`) runs any of them without knowing which.
+(:mod:`prunegraph.passes.train.loop`) runs any of them without knowing which.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prunegraph.errors import SpecError
-from prunegraph.groups import Group
+from prunegraph.ir.groups import Group
 from prunegraph.passes.gates.base import BUDGETS, DEFAULT_KINDS, SCOPES, GateFamily, check_fraction
 from prunegraph.passes.gates.ddp import DDPGates
 from prunegraph.passes.gates.hard_concrete import HardConcreteGates
@@ -24,7 +24,7 @@ FAMILIES: dict[str, type[GateFamily]] = {"ddp": DDPGates, "hard_concrete": HardC
 def check_family(name: str) -> type[GateFamily]:
     """The family class for ``name``, or a SpecError naming the known ones."""
     if name not in FAMILIES:
-        from prunegraph.pass_infra import nearest
+        from prunegraph.pipeline.contract import nearest
 
         raise SpecError(f"unknown gate family '{name}'; choose one of "
                         f"{', '.join(sorted(FAMILIES))}.{nearest(name, FAMILIES)}")
@@ -35,3 +35,8 @@ def make_family(name: str, groups: Sequence[Group], sparsity: float, model: Any 
                 **options: Any) -> GateFamily:
     """Build the gate family ``name`` over ``groups`` for ``sparsity`` (see :class:`GateFamily`)."""
     return check_family(name)(groups, sparsity, model, **options)
+
+
+from prunegraph.passes.gates.insert import Gate  # noqa: E402  (the pass uses the registry above)
+
+__all__ += ["Gate"]

@@ -4,7 +4,7 @@ A *gate family* owns one learnable tensor per gated group (shape ``gate_shape(gr
 ``[size]``, or ``[experts, size]`` for per-expert channels) and knows three functions of it:
 
 * ``forward_values(step, total)``: the per-unit multipliers the gated model runs with (installed
-  through :func:`prunegraph.gating.apply_gates`, so gradients reach the family's tensors);
+  through :func:`prunegraph.plan.gating.apply_gates`, so gradients reach the family's tensors);
 * ``retention(step, total)``: a score ``s`` in ``[0, 1]`` per unit, used only by the budget
   penalty (how "kept" a unit counts as);
 * ``final_values()``: deterministic values after training (0 = removed).
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from prunegraph.errors import BudgetError, SpecError
-from prunegraph.gating import gate_shape
-from prunegraph.groups import Group
+from prunegraph.plan.gating import gate_shape
+from prunegraph.ir.groups import Group
 
 __all__ = ["GateFamily", "Constraint", "BUDGETS", "SCOPES", "DEFAULT_KINDS", "check_fraction"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PreconditionError, SpecError
-from prunegraph.runfolder import atomic_write_text
+from prunegraph.pipeline.runfolder import atomic_write_text
 from prunegraph.targets.export_cli import export_target
 
 __all__ = ["swiglu_mlp_paths", "export_triton"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunegraph import prunepath as pp
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PreconditionError
 from prunegraph.targets.triton.codegen import MLPShape, load_module
 from prunegraph.targets.triton.prunepath import prunepath_ffn
@@ -177,7 +177,7 @@ def _make_prunepath_forward(router, wg, wu, wd, max_grid_tokens: int,
 
 def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
                            channels_per_program: int = 4, pack: bool = True) -> nn.Module:
-    """Make every routed MLP of a PrunePath model (``prunegraph.prunepath``) run the Triton
+    """Make every routed MLP of a PrunePath model (``prunegraph.passes.prunepath.router``) run the Triton
     router and expert kernels for inputs of at most ``max_grid_tokens`` tokens (decode, small
     batches); larger inputs (prefill) run the module's own dense masked PyTorch forward, since
     the grid path streams each token's experts separately. Returns ``model``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunegraph.analysis import analyze
+from prunegraph.ir.analysis import analyze
 from prunegraph.errors import CaptureError, UnsupportedOpError
 
 
@@ -35,7 +35,7 @@ def test_op_without_rule_names_op_node_module_and_fix():
 
 
 def test_registered_rule_makes_the_op_supported():
-    from prunegraph.analysis import registry
+    from prunegraph.ir.analysis import registry
 
     model = _TinyLM(_Cumprod())
     op = torch.ops.aten.cumprod.default
@@ -90,7 +90,7 @@ class _LengthGuarded(torch.nn.Module):
 
 
 def test_guarded_sequence_length_falls_back_to_automatic_dims(caplog):
-    from prunegraph.capture import capture
+    from prunegraph.ir.capture import capture
 
     with caplog.at_level("WARNING", logger="prunegraph"):
         graph = capture(_LengthGuarded(), {"input_ids": torch.randint(0, 16, (2, 5))})

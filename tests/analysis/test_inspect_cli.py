@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prunegraph.cli import main
+from prunegraph.cli.main import main
 
 
 def test_inspect_writes_json_dot_and_html(tmp_path, capsys):

@@ -136,7 +136,7 @@ def _slice_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
 
 @pytest.fixture
 def pruned_llama(device):
-    from prunegraph.models import load_model
+    from prunegraph.data.models import load_model
 
     model, _ = load_model("random:llama")
     model.eval()

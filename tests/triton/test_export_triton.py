@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from _pruning_fixtures import fresh, random_plan
-from prunegraph.cli import main
-from prunegraph.checkpoint import save_pruned
+from prunegraph.cli.main import main
+from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.errors import PreconditionError
-from prunegraph.slicing import apply_plan
+from prunegraph.plan.slicing import apply_plan
 from prunegraph.targets.triton.codegen import load_module
 from prunegraph.targets.triton.export import export_triton, swiglu_mlp_paths
 from prunegraph.targets.triton.runner import install_triton_mlps, uninstall

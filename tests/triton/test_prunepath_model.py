@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunegraph import prunepath as pp
-from prunegraph.pass_infra import State
-from prunegraph.passes.moefy import MoEfy
-from prunegraph.passes.prunepath import PrunePath
+from prunegraph.passes.prunepath import router as pp
+from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath.moefy import MoEfy
+from prunegraph.passes.prunepath.training import PrunePath
 from prunegraph.targets.triton.prunepath import prunepath_ffn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunegraph import prunepath as pp
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PrunegraphError
-from prunegraph.pass_infra import State
-from prunegraph.passes.moefy import MoEfy
-from prunegraph.passes.prunepath import PrunePath
+from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath.moefy import MoEfy
+from prunegraph.passes.prunepath.training import PrunePath
 from prunegraph.targets.triton import runner
 from prunegraph.targets.triton.runner import install_prunepath_mlps, uninstall
 

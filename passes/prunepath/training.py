@@ -1,0 +1,308 @@
+"""The ``PrunePath`` and ``TauSweep`` passes: routers on the MoEfied MLPs, two-stage training,
+and a τ sweep from one checkpoint (methods.md §3).
+
+``PrunePath`` installs a zero-initialised router per MLP of ``moe_layout``
+(:mod:`prunegraph.passes.prunepath.router`) and trains in two stages, as in the reference code (§3.4):
+
+1. ``warmup_steps`` at ``warmup_tau`` (> 1: every expert on, gates ``sigmoid(r_e)``), so the
+   FFN weights absorb the initial 0.5 gate scale and the router starts to learn;
+2. ``steps`` at ``train_tau`` (sparse routing); with ``train_tau_max`` each sparse step draws its
+   τ uniformly from ``[train_tau, train_tau_max]`` instead (seeded by step, so resumable). That
+   is not in the reference code: training at one τ fits the weights to that sparsity, and the
+   checkpoint is meant to serve every τ set after loading.
+
+The loss is next-token cross-entropy on the calibration split plus ``entropy`` × the mean
+router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and
+model weights (all of them, the FFNs included) are trained with AdamW in two parameter groups:
+``router_lr`` / ``router_decay`` (1e-3 / 1e-2) and ``lr`` / 0 (1e-4), the released values.
+``train_scope: router`` freezes the model weights (only the routers learn).
+
+Both stages are one run of the generic training loop (:meth:`prunegraph.passes.train.loop.Train.fit`)
+with :class:`PrunePathObjective`, which switches τ at step ``warmup_steps``. So PrunePath gets
+that loop's seeded calibration stream, ``grad_accum``, learning-rate schedule (``lr_warmup``
+linear steps, then ``lr_schedule``: a cosine to 0 over both stages, or ``constant``), bf16
+autocast on CUDA, ``<run>/prunepath/metrics.jsonl`` and exact resume from
+``<run>/prunepath/checkpoint.pt`` (or ``checkpoint_dir``; ``checkpoint_every``, ``resume``,
+``halt_after`` as in Train). The checkpoint holds every trained tensor (routers and, with
+``train_scope: all``, the model weights) and their AdamW moments: about three times the model's
+size, so it is deleted once training completes unless ``keep_checkpoint: true``. There is no distillation: the model being fine-tuned is no fixed teacher, and the
+reference code has none. With ``steps = warmup_steps = 0`` the pass only installs the routers.
+
+``state.metrics["prunepath"]["stages"]`` summarises each stage (first, last and mean
+cross-entropy, last router entropy, mean fraction of FFN channels touched per token).
+After the pass, ``state.model`` is still the user's module, with its ``requires_grad`` flags:
+``prunegraph.passes.prunepath.router.set_tau(model, 0.7)`` changes τ at any time, ``Save`` writes it and
+``prunegraph.from_pretrained`` rebuilds it with its routers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from prunegraph.passes.prunepath import router as pp
+from prunegraph.errors import SpecError
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.passes.train.loop import Train
+from prunegraph.passes.prunepath.router import active_fraction, reset_stats, set_tau
+
+__all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "set_tau", "active_fraction", "sweep"]
+
+STAGES = ("warmup", "sparse")
+
+
+class PrunePathObjective:
+    """PrunePath as a Train objective (:class:`prunegraph.passes.train.loop.Objective`): routers
+    and model weights in two AdamW groups, the routing regularisers of each forward as the
+    penalty, and τ set by stage before every forward. ``spec`` is the :class:`PrunePath` pass
+    whose settings it trains with."""
+
+    name = "prunepath"
+    teacher = None
+    shown = ("tau", "active_fraction")
+
+    def __init__(self, model: nn.Module, spec: PrunePath) -> None:
+        self.model, self.spec = model, spec
+        self.router_weights = [r.weight for r in pp.routers(model)]
+        names = pp.router_param_names(model)
+        self.params = {n: p for n, p in model.named_parameters()
+                       if spec.train_scope == "all" or n in names}
+        router_ids = {id(w) for w in self.router_weights}
+        self.base = [p for p in self.params.values() if id(p) not in router_ids]
+        reset_stats(model)
+
+    def stage(self, step: int) -> tuple[str, float]:
+        """The stage of ``step`` and its τ."""
+        s = self.spec
+        if step < s.warmup_steps:
+            return STAGES[0], s.warmup_tau
+        if s.train_tau_max is None:
+            return STAGES[1], s.train_tau
+        u = random.Random(s.seed * 1_000_003 + step).random()
+        return STAGES[1], s.train_tau + (s.train_tau_max - s.train_tau) * u
+
+    def config(self) -> dict[str, Any]:
+        keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "train_tau_max", "lr",
+                "router_lr", "router_decay", "entropy", "load_balance", "train_scope",
+                "lr_schedule")
+        return {"objective": self.name, "routers": sorted(pp.router_param_names(self.model)),
+                **{k: getattr(self.spec, k) for k in keys}}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        s = self.spec
+        groups = [{"params": self.router_weights, "lr": s.router_lr,
+                   "weight_decay": s.router_decay, "name": "router", "schedule": s.lr_schedule}]
+        if self.base:
+            groups.append({"params": self.base, "lr": s.lr, "weight_decay": 0.0,
+                           "name": "model", "schedule": s.lr_schedule})
+        return groups
+
+    def before_forward(self, step: int, total: int) -> None:
+        set_tau(self.model, self.stage(step)[1])
+
+    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        h, b = pp.regularisers(self.model)
+        return (self.spec.entropy * h + self.spec.load_balance * b,
+                {"entropy": float(h.detach()), "balance": float(b.detach())})
+
+    def post_step(self, step: int, total: int) -> dict[str, Any]:
+        """The step's stage, τ and fraction of FFN channels touched (statistics restart)."""
+        label, tau = self.stage(step)
+        frac = active_fraction(self.model)
+        reset_stats(self.model)
+        return {"stage": label, "tau": tau, "active_fraction": frac}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": {n: p.detach() for n, p in self.params.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, value in state["params"].items():
+            self.params[n].copy_(value)
+
+    def finish(self, state: State, history: list[dict[str, Any]],
+               plots: Path | None) -> dict[str, Any]:
+        """Per-stage summaries (``stages``) from the step records."""
+        stages = [_summary(label, rows) for label in STAGES
+                  if (rows := [h for h in history if h["stage"] == label])]
+        for s in stages:
+            state.log.info("PrunePath %s: %s", s["stage"], s)
+        return {"stages": stages}
+
+
+def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ce = [r["ce"] for r in rows]
+    taus = [r["tau"] for r in rows]
+    tau = taus[0] if min(taus) == max(taus) else [round(min(taus), 4), round(max(taus), 4)]
+    return {"stage": label, "steps": len(rows), "tau": tau,
+            "loss_first": round(ce[0], 4), "loss_last": round(ce[-1], 4),
+            "loss_mean": round(sum(ce) / len(ce), 4),
+            "entropy_last": round(rows[-1]["entropy"], 4),
+            "active_fraction": round(sum(r["active_fraction"] for r in rows) / len(rows), 4)}
+
+
+@register_pass
+@dataclass(frozen=True)
+class PrunePath(Pass):
+    """Install PrunePath routers on the MoEfied MLPs and train them (dense warm-up, then sparse
+    at ``train_tau``) through the Train loop; ``tau`` is the τ left set afterwards."""
+
+    name = "PrunePath"
+    requires = ("model", "moe_layout")
+    provides = ("prunepath",)
+
+    tau: float = 0.7
+    mode: Literal["exclusive", "inclusive"] = "exclusive"
+    warmup_steps: int = 50
+    warmup_tau: float = 1.05
+    steps: int = 50
+    train_tau: float = 0.5
+    train_tau_max: float | None = None
+    lr: float = 1e-4
+    router_lr: float = 1e-3
+    router_decay: float = 1e-2
+    entropy: float = 3e-4
+    load_balance: float = 1e-3
+    train_scope: Literal["all", "router"] = "all"
+    batch_size: int = 4
+    block_len: int = 128
+    grad_accum: int = 1
+    lr_warmup: int = 0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    source: str = "wikipedia"
+    seed: int = 0
+    checkpoint_every: int = 50
+    resume: bool = True
+    halt_after: int | None = None
+    checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False
+
+    def validate(self) -> None:
+        for key in ("tau", "warmup_tau", "train_tau"):
+            try:
+                pp.check_tau(getattr(self, key))
+            except SpecError as e:
+                raise SpecError(f"PrunePath.{key}: {e}") from None
+        if self.train_tau_max is not None and not self.train_tau <= self.train_tau_max <= 1.0:
+            raise SpecError(f"PrunePath.train_tau_max must lie in [train_tau, 1] (a range of "
+                            f"sparse-stage τ), got {self.train_tau_max} with train_tau "
+                            f"{self.train_tau}")
+        for key, low in (("warmup_steps", 0), ("steps", 0), ("batch_size", 1), ("block_len", 2),
+                         ("grad_accum", 1), ("lr_warmup", 0), ("checkpoint_every", 1)):
+            if getattr(self, key) < low:
+                raise SpecError(f"PrunePath.{key} must be >= {low}, got {getattr(self, key)}")
+        for key in ("lr", "router_lr", "router_decay", "entropy", "load_balance"):
+            if getattr(self, key) < 0:
+                raise SpecError(f"PrunePath.{key} must be >= 0, got {getattr(self, key)}")
+        if self.halt_after is not None and self.halt_after < 1:
+            raise SpecError(f"PrunePath.halt_after must be >= 1 or null, got {self.halt_after}")
+
+    def run(self, state: State) -> PassResult:
+        model = state.model
+        total_steps = self.warmup_steps + self.steps
+        if total_steps and state.get("tokenizer") is None:
+            raise SpecError("PrunePath training needs a tokenizer for its text; load a model "
+                            "with one, or set warmup_steps=0 and steps=0")
+        pp.install(model, state.moe_layout, tau=self.warmup_tau, mode=self.mode)
+        start = time.perf_counter()
+        trained = self._train(state) if total_steps else {}
+        set_tau(model, self.tau)
+        reset_stats(model)
+        model.eval()
+        state.prunepath = pp.spec(model)
+        record = {"experts": pp.routers(model)[0].experts, "mode": self.mode, "tau": self.tau,
+                  "train_tokens": trained.get("tokens", 0),
+                  "resumed_at": trained.get("resumed_at", 0),
+                  "stages": trained.get("stages", []),
+                  "seconds": round(time.perf_counter() - start, 1)}
+        state.metrics["prunepath"] = record
+        return PassResult(state, modified=True,
+                          stats={k: v for k, v in record.items() if k != "stages"})
+
+    def _train(self, state: State) -> dict[str, Any]:
+        """Both stages as one Train run; the model's ``requires_grad`` flags are given back
+        (Train freezes what it does not train)."""
+        trainer = Train(steps=self.warmup_steps + self.steps, batch_size=self.batch_size,
+                        block_len=self.block_len, grad_accum=self.grad_accum,
+                        warmup=self.lr_warmup, kd_weight=0.0, seed=self.seed, source=self.source,
+                        checkpoint_every=self.checkpoint_every, resume=self.resume,
+                        halt_after=self.halt_after, plots=False,
+                        checkpoint_dir=self.checkpoint_dir,
+                        keep_checkpoint=self.keep_checkpoint)
+        flags = [(p, p.requires_grad) for p in state.model.parameters()]
+        try:
+            return trainer.fit(state, PrunePathObjective(state.model, self), subdir="prunepath")
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def sweep(model: nn.Module, blocks: torch.Tensor, taus: list[float], batch_size: int = 4,
+          progress: bool = False) -> list[dict[str, float]]:
+    """Held-out perplexity and active FFN fraction at each τ; τ is restored afterwards."""
+    from prunegraph.passes.evaluation.metrics import perplexity
+
+    before = pp.get_tau(model)
+    rows = []
+    try:
+        for tau in taus:
+            set_tau(model, tau)
+            reset_stats(model)
+            ppl = perplexity(model, blocks, batch_size, progress)
+            rows.append({"tau": float(tau), "ppl": round(ppl, 4),
+                         "active_fraction": round(active_fraction(model), 4)})
+    finally:
+        set_tau(model, before)
+        reset_stats(model)
+    return rows
+
+
+@register_pass
+@dataclass(frozen=True)
+class TauSweep(Pass):
+    """Evaluate one PrunePath checkpoint at several τ: ``metrics["sweep"]`` gets
+    ``{"tau", "ppl", "active_fraction"}`` per τ (held-out split, ``ppl_blocks`` × ``seq_len``)."""
+
+    name = "TauSweep"
+    requires = ("model", "tokenizer")  # routers from PrunePath, or a loaded PrunePath folder
+    provides = ()
+
+    taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    ppl_blocks: int = 16
+    seq_len: int = 512
+    source: str = "wikipedia"
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        if not self.taus:
+            raise SpecError("TauSweep.taus is empty; give at least one τ, e.g. [0.5, 0.7, 0.9]")
+        for t in self.taus:
+            pp.check_tau(t)
+        for key, low in (("ppl_blocks", 1), ("seq_len", 2), ("batch_size", 1)):
+            if getattr(self, key) < low:
+                raise SpecError(f"TauSweep.{key} must be >= {low}, got {getattr(self, key)}")
+
+    def run(self, state: State) -> PassResult:
+        from prunegraph.data.text import load_documents, split_documents, token_blocks
+
+        if not pp.is_installed(state.model):
+            raise SpecError("TauSweep needs a PrunePath model: put MoEfy and PrunePath before "
+                            "it, or load a folder saved from one (model: DIR/model)")
+        _, held_out = split_documents(load_documents(self.source))
+        blocks = token_blocks(state.tokenizer, held_out, self.seq_len, self.ppl_blocks)
+        rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress))
+        state.metrics["sweep"] = rows
+        for r in rows:
+            state.log.info("TauSweep: tau=%.2f ppl=%.3f active=%.3f", r["tau"], r["ppl"],
+                           r["active_fraction"])
+        falling = all(a["ppl"] >= b["ppl"] for a, b in zip(rows, rows[1:]))
+        return PassResult(state, modified=False,
+                          stats={"points": len(rows), "ppl_falls_with_tau": falling,
+                                 "ppl_min": min(r["ppl"] for r in rows) if rows else math.nan})

@@ -1,0 +1,643 @@
+"""Dimension rules for the ATen ops (and transformers' custom ops) that LLM graphs use.
+
+Each rule says how the index spaces of an op's inputs relate to those of its outputs; see
+``registry.py`` for the contract and ``spaces.py`` for unify / factorise / concatenate.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from prunegraph.ir.analysis.registry import RuleContext, Value, rule
+from prunegraph.ir.analysis.spaces import Conflict, as_size
+
+class _OptionalOps:
+    """``aten.name.overload`` that is None when this torch build lacks the op (rules skip it)."""
+
+    def __init__(self, packet=None):
+        self._packet = packet
+
+    def __getattr__(self, name):
+        if self._packet is None:
+            return _OptionalOps(getattr(torch.ops.aten, name, None) or _MISSING)
+        return getattr(self._packet, name, None) if self._packet is not _MISSING else None
+
+
+_MISSING = object()
+
+
+aten = _OptionalOps()
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _carry(v: Value, atoms=None, keep_origins: bool = True) -> Value:
+    return Value(list(v.atoms if atoms is None else atoms),
+                 list(v.origins) if keep_origins else [], v.value_space, v.param_dep)
+
+
+# ---- identity-like ------------------------------------------------------------------------
+@rule(aten.silu.default, aten.gelu.default, aten.tanh.default, aten.neg.default,
+      aten.relu.default, aten.sigmoid.default, aten.exp.default, aten.log.default,
+      aten.rsqrt.default, aten.sqrt.default, aten.abs.default, aten.pow.Tensor_Scalar,
+      aten.dropout.default, aten.alias.default, aten.contiguous.default, aten.clone.default,
+      aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+      aten._to_copy.default, aten.type_as.default, aten.float.default, aten.gelu_.default,
+      aten.silu_.default, aten.relu_.default, aten.lift_fresh_copy.default, aten.clamp.default,
+      aten.ne.Scalar, aten.eq.Scalar, aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar,
+      aten.le.Scalar, aten.bitwise_not.default, aten.logical_not.default, aten.sin.default,
+      aten.cos.default, aten.erf.default, aten.reciprocal.default, aten.sign.default)
+def _unary(ctx: RuleContext) -> Value:
+    return _carry(ctx.input(0))
+
+
+def _is_tensor(ctx: RuleContext, a) -> bool:
+    return ctx.value(a) is not None
+
+
+@rule(aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.div_.Tensor,
+      aten.mul_.Tensor, aten.add_.Tensor, aten.where.self, aten.maximum.default,
+      aten.minimum.default, aten.eq.Tensor, aten.ne.Tensor, aten.gt.Tensor, aten.lt.Tensor,
+      aten.ge.Tensor, aten.le.Tensor, aten.__and__.Tensor, aten.__or__.Tensor,
+      aten.logical_and.default, aten.logical_or.default, aten.floor_divide.default,
+      aten.remainder.Tensor, aten.remainder.Scalar, aten.mul.Scalar, aten.add.Scalar,
+      aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Tensor, aten.masked_fill.Scalar,
+      aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.copy_.default,
+      aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.rsub.Scalar, operator.mul,
+      operator.add, operator.sub, operator.truediv, operator.floordiv)
+def _broadcast(ctx: RuleContext) -> Value:
+    """Elementwise with broadcasting: equal dims unify, size-1 dims broadcast."""
+    shape = ctx.meta_shape()
+    ins = [(a, ctx.value(a)) for a in ctx.node.args if ctx.value(a) is not None]
+    if not ins:
+        return Value(ctx.fresh(shape))
+    ndim = len(shape)
+    atoms: list[int | None] = [None] * ndim
+    origins = [None] * ndim
+    for a, v in ins:
+        in_shape = ctx.meta_shape(a)
+        off = ndim - len(in_shape)
+        for d, s in enumerate(in_shape):
+            o = d + off
+            if as_size(s) == 1 and as_size(shape[o]) != 1:
+                continue
+            if atoms[o] is None:
+                atoms[o] = v.atoms[d]
+                origins[o] = v.origins[d]
+            else:
+                ctx.unify(atoms[o], v.atoms[d], "elementwise operands disagree")
+                origins[o] = origins[o] or v.origins[d]
+        # a 1-D parameter multiplying / adding along a dim is a norm weight / bias
+        for d in range(len(in_shape)):
+            if v.origins[d] is not None:
+                role = "norm" if ctx.node.target in (aten.mul.Tensor, aten.mul_.Tensor) else "bias"
+                ctx.use(v, d, role)
+    atoms = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
+    # arithmetic on index tensors no longer names the same entries: drop the value space
+    return Value(atoms, origins, None, any(v.param_dep for _, v in ins))
+
+
+# ---- reductions -----------------------------------------------------------------------------
+def _reduce(ctx: RuleContext, pin_why: str | None) -> Value:
+    v = ctx.input(0)
+    dims = ctx.kwarg("dim", 1, None)
+    keepdim = bool(ctx.kwarg("keepdim", 2, False))
+    if dims is None:
+        dims = list(range(v.ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = {_norm_dim(d, v.ndim) for d in dims}
+    atoms, origins = [], []
+    for d in range(v.ndim):
+        if d in dims:
+            if pin_why:
+                ctx.pin(v.atoms[d], pin_why)
+            if keepdim:
+                atoms.append(ctx.spaces.new(1))
+                origins.append(None)
+        else:
+            atoms.append(v.atoms[d])
+            origins.append(v.origins[d])
+    return Value(atoms, origins, None, v.param_dep)
+
+
+@rule(aten.mean.dim, aten.var.correction, aten.var.dim, aten.std.correction,
+      aten.amax.default, aten.amin.default, aten.logsumexp.default, aten.mean.default,
+      aten.var_mean.correction, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default)
+def _normalising_reduction(ctx: RuleContext) -> Value:
+    return _reduce(ctx, "normalised over (the statistic changes if units are removed)")
+
+
+@rule(aten.sum.dim_IntList, aten.sum.default)
+def _sum(ctx: RuleContext) -> Value:
+    return _reduce(ctx, None)
+
+
+@rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+def _softmax(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    d = _norm_dim(ctx.arg(1), v.ndim)
+    ctx.spaces.flag(v.atoms[d], "softmax", ctx.module)
+    return _carry(v)
+
+
+@rule(aten.cumsum.default)
+def _cumsum(ctx: RuleContext) -> Value:
+    return _carry(ctx.input(0))
+
+
+# ---- linear algebra -----------------------------------------------------------------------
+@rule(aten.linear.default)
+def _linear(ctx: RuleContext) -> Value:
+    x, w = ctx.input(0), ctx.input(1)
+    b = ctx.value(ctx.arg(2))
+    ctx.unify(x.atoms[-1], w.atoms[1], "linear input features")
+    ctx.use(w, 1, "consumer")
+    ctx.use(w, 0, "producer")
+    if b is not None:
+        ctx.unify(b.atoms[0], w.atoms[0], "linear bias")
+        ctx.use(b, 0, "bias")
+    return Value(x.atoms[:-1] + [w.atoms[0]], x.origins[:-1] + [None], None, True)
+
+
+@rule(aten.addmm.default)
+def _addmm(ctx: RuleContext) -> Value:
+    b, x, w = ctx.input(0), ctx.input(1), ctx.input(2)
+    ctx.unify(x.atoms[-1], w.atoms[0], "matmul contraction")
+    ctx.use(w, 0, "consumer")
+    ctx.use(w, 1, "producer")
+    ctx.unify(b.atoms[-1], w.atoms[1], "addmm bias")
+    ctx.use(b, b.ndim - 1, "bias")
+    return Value([x.atoms[0], w.atoms[1]], [], None, True)
+
+
+@rule(aten.mm.default, aten.bmm.default, aten.matmul.default)
+def _matmul(ctx: RuleContext) -> Value:
+    a, b = ctx.input(0), ctx.input(1)
+    shape = ctx.meta_shape()
+    if a.ndim < 2 or b.ndim < 2:
+        raise NotImplementedError("matmul with a 1-D operand")
+    ctx.unify(a.atoms[-1], b.atoms[-2], "matmul contraction")
+    ctx.use(a, a.ndim - 1, "consumer")
+    ctx.use(b, b.ndim - 2, "consumer")
+    ctx.use(a, a.ndim - 2, "producer")
+    ctx.use(b, b.ndim - 1, "producer")
+    batch = len(shape) - 2
+    atoms: list[int] = []
+    for i in range(batch):
+        cands = []
+        for v in (a, b):
+            j = i - (batch - (v.ndim - 2))
+            if j >= 0 and as_size(ctx.meta_shape(ctx.arg(0 if v is a else 1))[j]) != 1:
+                cands.append(v.atoms[j])
+        if not cands:
+            atoms.append(ctx.spaces.new(shape[i]))
+            continue
+        for c in cands[1:]:
+            ctx.unify(cands[0], c, "matmul batch dims")
+        atoms.append(cands[0])
+    return Value(atoms + [a.atoms[-2], b.atoms[-1]], [], None, True)
+
+
+@rule(aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default)
+def _sdpa(ctx: RuleContext):
+    q, k, v = ctx.input(0), ctx.input(1), ctx.input(2)
+    for i in range(q.ndim - 3):
+        ctx.unify(q.atoms[i], k.atoms[i], "attention batch dims")
+        ctx.unify(k.atoms[i], v.atoms[i], "attention batch dims")
+    hq, hk = q.atoms[-3], k.atoms[-3]
+    ctx.unify(hk, v.atoms[-3], "key and value heads")
+    if ctx.spaces.size(hq) == ctx.spaces.size(hk):
+        ctx.unify(hq, hk, "query and key heads")
+    else:  # enable_gqa: query heads = kv heads x queries per kv head
+        try:
+            kv, rep = ctx.spaces.split_prod(ctx.spaces.new(ctx.spaces.size(hq)), ctx.spaces.size(hk))
+            ctx.spaces.flag(rep, "replica", ctx.node.name)
+        except Conflict:
+            ctx.pin(hq, "query heads do not group evenly over kv heads")
+        else:
+            parent = ctx.spaces.new(ctx.spaces.size(hq))
+            ctx.spaces.define(parent, "prod", [kv, rep])
+            ctx.unify(hq, parent, "grouped-query attention")
+            ctx.unify(kv, hk, "grouped-query attention")
+    ctx.unify(q.atoms[-1], k.atoms[-1], "query/key head_dim")
+    ctx.pin(q.atoms[-1], "head_dim: contracted in q.k with a scale set by its size")
+    ctx.unify(k.atoms[-2], v.atoms[-2], "key/value sequence")
+    # the attention mask is data over (batch, heads?, q, k): it never carries parameter spaces
+    out = [*q.atoms[:-1], v.atoms[-1]]
+    if ctx.node.target is aten.scaled_dot_product_attention.default:
+        return Value(out, [], None, True)
+    return (Value(out, [], None, True),) + tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+
+
+@rule(aten.embedding.default)
+def _embedding(ctx: RuleContext) -> Value:
+    w, ids = ctx.input(0), ctx.input(1)
+    ctx.pin(w.atoms[0], "indexed by token ids")
+    ctx.use(w, 0, "producer")
+    ctx.use(w, 1, "producer")
+    ctx.spaces.flag(w.atoms[1], "embedding", ctx.module)
+    return Value(list(ids.atoms) + [w.atoms[1]], [], None, True)
+
+
+@rule(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+      aten.group_norm.default)
+def _layer_norm(ctx: RuleContext):
+    x = ctx.input(0)
+    shape = ctx.arg(1)
+    n = len(shape) if isinstance(shape, (list, tuple)) else 1
+    for d in range(x.ndim - n, x.ndim):
+        ctx.pin(x.atoms[d], "normalised over (the statistic changes if units are removed)")
+    for i in (2, 3):
+        p = ctx.value(ctx.arg(i))
+        if p is not None:
+            for j in range(p.ndim):
+                ctx.unify(p.atoms[j], x.atoms[x.ndim - p.ndim + j], "norm weight")
+                ctx.use(p, j, "norm" if i == 2 else "bias")
+    out = _carry(x, keep_origins=False)
+    if ctx.node.target is aten.native_layer_norm.default:
+        return (out, Value(ctx.fresh(ctx.node.meta["val"][1].shape)),
+                Value(ctx.fresh(ctx.node.meta["val"][2].shape)))
+    return out
+
+
+# ---- shape ops ----------------------------------------------------------------------------
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+      aten.unflatten.int, aten.view_copy.default)
+def _reshape(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    out_shape = [as_size(s) for s in ctx.meta_shape()]
+    sp = ctx.spaces
+    leaves: list[int] = []
+    for a in v.atoms:
+        leaves.extend(sp.factors(a))
+    out: list[int] = []
+    origins: list = []
+    i = 0
+    try:
+        for k, size in enumerate(out_shape):
+            if size == 1:
+                nxt = out_shape[k + 1] if k + 1 < len(out_shape) else None
+                if (nxt is not None and i < len(leaves) and sp.static_size(leaves[i]) not in (None, 1)
+                        and sp.size(leaves[i]) == nxt and sp.defn(leaves[i]) is None):
+                    # [.., N] -> [.., 1, N]: a real axis of extent 1 (MQA's single kv head)
+                    one, rest = sp.split_prod(leaves[i], 1)
+                    sp.flag(one, "unit", ctx.node.name)
+                    leaves[i] = rest
+                    out.append(one)
+                else:
+                    out.append(sp.new(1))
+                origins.append(None)
+                continue
+            parts: list[int] = []
+            acc = as_size(1)
+            while acc != size:
+                if i >= len(leaves):
+                    raise Conflict("reshape consumes more than its input")
+                leaf = leaves[i]
+                lsz = sp.size(leaf)
+                need = size / acc
+                if lsz == need or _fits(lsz, need):
+                    parts.append(leaf)
+                    acc = acc * lsz
+                    i += 1
+                else:  # the leaf is larger than what this output dim needs: split it
+                    first, rest = sp.split_prod(leaf, need)
+                    parts.append(first)
+                    acc = acc * need
+                    leaves[i] = rest
+            if len(parts) == 1:
+                out.append(parts[0])
+            else:
+                merged = sp.new(size)
+                sp.define(merged, "prod", parts)
+                out.append(merged)
+            origins.append(None)
+        if any(sp.size(x) != 1 for x in leaves[i:]):
+            raise Conflict("reshape leaves input unconsumed")
+    except Conflict as e:
+        for a in v.atoms:
+            ctx.pin(a, f"reshape that mixes spaces ({e})")
+        out = [sp.new(s, pinned=f"reshape that mixes spaces at {ctx.node.name}") for s in out_shape]
+        origins = [None] * len(out)
+    # a view that keeps every dim keeps the parameter origins
+    if [sp.find(a) for a in v.atoms] == [sp.find(a) for a in out]:
+        origins = list(v.origins)
+    return Value(out, origins, v.value_space, v.param_dep)
+
+
+def _fits(leaf_size, need) -> bool:
+    """The leaf divides what is still needed (so it is consumed whole)."""
+    from prunegraph.ir.analysis.spaces import _divides
+
+    return _divides(leaf_size, need) is not None and leaf_size != need and (
+        not getattr(need, "is_Integer", False) or int(need) % int(leaf_size) == 0
+        if getattr(leaf_size, "is_Integer", False) else True)
+
+
+@rule(aten.transpose.int, aten.t.default, aten.permute.default, aten.swapaxes.default)
+def _permute(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    n = v.ndim
+    if ctx.node.target is aten.permute.default:
+        order = [_norm_dim(d, n) for d in ctx.arg(1)]
+    else:
+        a, b = (0, 1) if ctx.node.target is aten.t.default else (ctx.arg(1), ctx.arg(2))
+        order = list(range(n))
+        a, b = _norm_dim(a, n), _norm_dim(b, n)
+        order[a], order[b] = order[b], order[a]
+    return Value([v.atoms[i] for i in order], [v.origins[i] for i in order], v.value_space, v.param_dep)
+
+
+@rule(aten.unsqueeze.default)
+def _unsqueeze(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    d = _norm_dim(ctx.arg(1), v.ndim + 1)
+    return Value(v.atoms[:d] + [ctx.spaces.new(1)] + v.atoms[d:],
+                 v.origins[:d] + [None] + v.origins[d:], v.value_space, v.param_dep)
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    shape = ctx.meta_shape(ctx.arg(0))
+    dims = ctx.arg(1)
+    if dims is None:
+        dims = [i for i, s in enumerate(shape) if as_size(s) == 1]
+    elif isinstance(dims, int):
+        dims = [dims]
+    drop = {_norm_dim(d, v.ndim) for d in dims if as_size(shape[_norm_dim(d, v.ndim)]) == 1}
+    keep = [i for i in range(v.ndim) if i not in drop]
+    return Value([v.atoms[i] for i in keep], [v.origins[i] for i in keep], v.value_space, v.param_dep)
+
+
+@rule(aten.expand.default, aten.expand_copy.default, aten.repeat.default)
+def _expand(ctx: RuleContext) -> Value:
+    """Broadcast size-1 dims: the new extent is a fresh *replica* space (GQA's repeat_kv)."""
+    v = ctx.input(0)
+    out_shape = ctx.meta_shape()
+    in_shape = ctx.meta_shape(ctx.arg(0))
+    off = len(out_shape) - v.ndim
+    atoms, origins = [], []
+    for o, s in enumerate(out_shape):
+        d = o - off
+        if d >= 0 and as_size(in_shape[d]) == as_size(s) and ctx.node.target is not aten.repeat.default:
+            atoms.append(v.atoms[d])
+            origins.append(v.origins[d])
+        elif d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1 and as_size(s) != as_size(in_shape[d]):
+            rep = ctx.spaces.new(as_size(s) / as_size(in_shape[d]), replica=ctx.node.name)
+            merged = ctx.spaces.new(s)
+            ctx.spaces.define(merged, "prod", [rep, v.atoms[d]])
+            atoms.append(merged)
+            origins.append(None)
+        elif d >= 0 and as_size(in_shape[d]) == as_size(s):
+            atoms.append(v.atoms[d])
+            origins.append(v.origins[d])
+        else:
+            atoms.append(ctx.spaces.new(s, replica=ctx.node.name))
+            origins.append(None)
+    return Value(atoms, origins, v.value_space, v.param_dep)
+
+
+@rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    reps = ctx.arg(1)
+    d = _norm_dim(ctx.kwarg("dim", 2, 0), v.ndim)
+    shape = ctx.meta_shape()
+    rep = ctx.spaces.new(reps, replica=ctx.node.name)
+    merged = ctx.spaces.new(shape[d])
+    ctx.spaces.define(merged, "prod", [v.atoms[d], rep])
+    atoms = list(v.atoms)
+    atoms[d] = merged
+    return Value(atoms, [], v.value_space, v.param_dep)
+
+
+def _cut(ctx: RuleContext, atom: int, start, length) -> int:
+    """The sub-space ``[start, start + length)`` of ``atom``, refining it into segments."""
+    sp = ctx.spaces
+    size = sp.size(atom)
+    start, length = as_size(start), as_size(length)
+    if start == 0 and length == size:
+        return atom
+    if not (getattr(size, "is_Integer", False)):
+        return sp.new(length)  # slicing a token dim: unrelated to parameter spaces
+    segs = sp.segments(atom)
+    pos = as_size(0)
+    bounds = []
+    for s in segs:
+        bounds.append((pos, s))
+        pos += sp.size(s)
+    for cut in (start, start + length):
+        pos = as_size(0)
+        for idx, s in enumerate(list(segs)):
+            sz = sp.size(s)
+            if pos < cut < pos + sz:
+                a, b = sp.split_cat(s, cut - pos)
+                segs[idx:idx + 1] = [a, b]
+                break
+            pos += sz
+    pos = as_size(0)
+    chosen = []
+    for s in segs:
+        if start <= pos and pos + sp.size(s) <= start + length:
+            chosen.append(s)
+        pos += sp.size(s)
+    if len(chosen) == 1:
+        return chosen[0]
+    merged = sp.new(length)
+    sp.define(merged, "cat", chosen)
+    return merged
+
+
+@rule(aten.slice.Tensor)
+def _slice(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    d = _norm_dim(ctx.arg(1, 0), v.ndim)
+    in_size = as_size(ctx.meta_shape(ctx.arg(0))[d])
+    out_size = as_size(ctx.meta_shape()[d])
+    start = ctx.arg(2, 0) or 0
+    step = ctx.arg(4, 1) or 1
+    atoms = list(v.atoms)
+    origins = list(v.origins)
+    if out_size == in_size:
+        return Value(atoms, origins, v.value_space, v.param_dep)
+    if step != 1 or not isinstance(start, int):
+        if getattr(in_size, "is_Integer", False):
+            ctx.pin(v.atoms[d], "strided or data-dependent slice")
+        atoms[d] = ctx.spaces.new(out_size)
+    else:
+        if start < 0:
+            start = int(in_size) + start
+        try:
+            atoms[d] = _cut(ctx, v.atoms[d], start, out_size)
+        except Conflict as e:
+            ctx.pin(v.atoms[d], f"slice of a structured space ({e})")
+            atoms[d] = ctx.spaces.new(out_size, pinned="slice of a structured space")
+    origins[d] = None
+    return Value(atoms, origins, v.value_space, v.param_dep)
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+      aten.unsafe_split.Tensor, aten.tensor_split.sections)
+def _split(ctx: RuleContext):
+    v = ctx.input(0)
+    outs = ctx.node.meta["val"]
+    d = ctx.kwarg("dim", 2, 0)
+    d = _norm_dim(d, v.ndim)
+    results = []
+    start = 0
+    for t in outs:
+        length = as_size(t.shape[d])
+        atoms = list(v.atoms)
+        try:
+            atoms[d] = _cut(ctx, v.atoms[d], start, length)
+        except Conflict as e:
+            ctx.pin(v.atoms[d], f"split of a structured space ({e})")
+            atoms[d] = ctx.spaces.new(length, pinned="split of a structured space")
+        origins = list(v.origins)
+        origins[d] = None
+        results.append(Value(atoms, origins, v.value_space, v.param_dep))
+        start = start + length
+    return tuple(results)
+
+
+@rule(aten.cat.default, aten.concat.default)
+def _cat(ctx: RuleContext) -> Value:
+    tensors = ctx.arg(0)
+    shape = ctx.meta_shape()
+    d = _norm_dim(ctx.kwarg("dim", 1, 0), len(shape))
+    vals = [(t, ctx.value(t)) for t in tensors]
+    vals = [(t, v) for t, v in vals if v is not None and len(ctx.meta_shape(t)) == len(shape)]
+    atoms = []
+    for i in range(len(shape)):
+        if i == d:
+            parts = [v.atoms[i] for _, v in vals if as_size(ctx.meta_shape(_)[i]) != 0]
+            if len(parts) == 1:
+                atoms.append(parts[0])
+            else:
+                merged = ctx.spaces.new(shape[i])
+                ctx.spaces.define(merged, "cat", parts)
+                atoms.append(merged)
+        else:
+            first = vals[0][1].atoms[i]
+            for _, v in vals[1:]:
+                ctx.unify(first, v.atoms[i], "concatenated tensors")
+            atoms.append(first)
+    return Value(atoms, [], None, any(v.param_dep for _, v in vals))
+
+
+@rule(operator.getitem)
+def _getitem(ctx: RuleContext):
+    src = ctx.values.get(ctx.arg(0).name)
+    if isinstance(src, tuple):
+        return src[ctx.arg(1)]
+    raise NotImplementedError("getitem on a non-tuple value")
+
+
+# ---- routing (MoE) --------------------------------------------------------------------------
+@rule(aten.topk.default)
+def _topk(ctx: RuleContext):
+    v = ctx.input(0)
+    k = ctx.arg(1)
+    d = _norm_dim(ctx.kwarg("dim", 2, -1), v.ndim)
+    sel = v.atoms[d]
+    ctx.spaces.flag(sel, "topk", str(k))
+    atoms = list(v.atoms)
+    atoms[d] = ctx.spaces.new(k)
+    return (Value(list(atoms), [], None, True), Value(list(atoms), [], sel, True))
+
+
+@rule(aten.sort.default, aten.sort.stable)
+def _sort(ctx: RuleContext):
+    v = ctx.input(0)
+    d = _norm_dim(ctx.kwarg("dim", 1, -1), v.ndim)
+    if ctx.spaces.static_size(v.atoms[d]) not in (None, 1):
+        ctx.pin(v.atoms[d], "sorted over")
+    atoms = list(v.atoms)
+    return (Value(atoms, [], v.value_space, True), Value(list(atoms), [], None, True))
+
+
+@rule(aten.histc.default)
+def _histc(ctx: RuleContext) -> Value:
+    v = ctx.input(0)
+    bins = ctx.kwarg("bins", 1, 100)
+    if v.value_space is not None and ctx.spaces.size(v.value_space) == bins:
+        return Value([v.value_space], [], None, True)
+    return Value(ctx.fresh([bins]), [], None, True)
+
+
+@rule(aten.index.Tensor)
+def _index(ctx: RuleContext) -> Value:
+    """``x[idx0, idx1, ...]``: indexed dims are replaced by the index tensors' dims."""
+    x = ctx.input(0)
+    indices = ctx.arg(1)
+    shape = ctx.meta_shape()
+    idx_vals = [ctx.value(i) if i is not None else None for i in indices]
+    present = [i for i, t in enumerate(idx_vals) if t is not None]
+    if not present:
+        return _carry(x)
+    for d in present:
+        iv = idx_vals[d]
+        if iv.value_space is not None:
+            ctx.unify(x.atoms[d], iv.value_space, "gathered by routed index")
+        elif ctx.spaces.static_size(x.atoms[d]) not in (None, 1):
+            ctx.pin(x.atoms[d], "gathered by a data-dependent index")
+    first, last = present[0], present[-1]
+    idx_ndim = len(shape) - (x.ndim - len(present))
+    idx_atoms = ctx.fresh(shape[first:first + idx_ndim])
+    lead = x.atoms[:first]
+    tail = x.atoms[last + 1:]
+    atoms = lead + idx_atoms + tail
+    if len(atoms) != len(shape):
+        atoms = ctx.fresh(shape)
+    return Value(atoms, [], None, x.param_dep)
+
+
+@rule(aten.index_put_.default, aten.index_put.default, aten.empty_like.default,
+      aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+      aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
+def _like(ctx: RuleContext) -> Value:
+    """Fresh tensors shaped like the input: same dims, no values carried."""
+    v = ctx.input(0)
+    shape = ctx.meta_shape()
+    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, ctx.meta_shape(ctx.arg(0)))):
+        return Value(list(v.atoms), [], None, False)
+    return Value(ctx.fresh(shape))
+
+
+@rule(aten.diff.default)
+def _diff(ctx: RuleContext) -> Value:
+    return Value(ctx.fresh(ctx.meta_shape()))
+
+
+def _grouped_mm(ctx: RuleContext) -> Value:
+    """``out[s] = x[s] @ w[e(s)]`` for the rows ``s`` of expert ``e`` (given by offsets)."""
+    x, w, offs = ctx.input(0), ctx.input(1), ctx.value(ctx.kwarg("offs", 2))
+    ctx.unify(x.atoms[-1], w.atoms[-2], "grouped matmul contraction")
+    ctx.use(w, w.ndim - 2, "consumer")
+    ctx.use(w, w.ndim - 1, "producer")
+    if offs is not None and w.ndim == 3:
+        ctx.unify(offs.atoms[0], w.atoms[0], "grouped matmul groups")
+        ctx.use(w, 0, "producer")
+    return Value([x.atoms[0], w.atoms[-1]], [], None, True)
+
+
+rule(aten._grouped_mm.default)(_grouped_mm)
+try:  # transformers' custom op for grouped experts (registered when transformers is imported)
+    import transformers.integrations.moe  # noqa: F401
+
+    rule(torch.ops.transformers.grouped_mm_fallback.default)(_grouped_mm)
+except (ImportError, AttributeError):  # pragma: no cover - older transformers
+    pass
+
+
+@rule(aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+      aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+      aten.sym_constrain_range_for_size.default, aten._local_scalar_dense.default, aten.item.default)
+def _scalar(ctx: RuleContext):
+    return None

@@ -1,0 +1,505 @@
+"""The pass contract: :class:`State`, :class:`Pass`, :class:`PassResult` and the pass registry.
+
+A pass is a frozen dataclass whose fields are its parameters. Its class attributes say its spec
+``name``, the state keys it ``requires`` and the keys it ``provides``. Authors write ``run``
+only; :meth:`Pass.__call__` alone checks preconditions, the result type and postconditions, and
+wraps foreign exceptions in :class:`~prunegraph.errors.PassError` naming the pass::
+
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from prunegraph.errors import SpecError
+    from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+
+    @register_pass
+    @dataclass(frozen=True)
+    class Prune(Pass):
+        \"\"\"One-shot structured pruning by an importance criterion.\"\"\"
+
+        name = "Prune"                       # the name used in YAML specs (default: class name)
+        requires = ("model", "groups")
+        provides = ("plan",)
+
+        sparsity: float = 0.5                # parameters: typed, defaulted, frozen
+        criterion: Literal["magnitude", "wanda"] = "magnitude"
+
+        def validate(self) -> None:          # optional range checks, run at construction
+            if not 0.0 < self.sparsity < 1.0:
+                raise SpecError(f"sparsity must be in (0, 1), got {self.sparsity}")
+
+        def run(self, state: State) -> PassResult:
+            state.plan = make_plan(state.model, state.groups, self.sparsity)
+            state.log.info("pruned %d groups", len(state.groups))
+            return PassResult(state, modified=True, stats={"groups": len(state.groups)})
+
+    result = Prune(sparsity=0.2)(State(model=model, groups=groups))  # the checked call
+    result.state.plan, result.stats                                   # {...}, {"groups": 12}
+
+Parameter types are checked when a pass is built (``Prune(sparsity="0.2")`` raises
+:class:`~prunegraph.errors.SpecError`); ints are accepted for floats and lists for tuples. The
+supported annotations are ``int``, ``float``, ``str``, ``bool``, ``None``, ``Literal[...]``,
+unions (``X | None``), ``tuple[X, ...]``, ``tuple[X, Y]``, ``dict[str, X]`` and ``Any``.
+A pass must not keep mutable state between runs: it is frozen, and ``run`` gets everything from
+``state``.
+
+A :class:`State` holds named artifacts (``model``, ``tokenizer``, ``graph``, ``groups``,
+``gates``, ``plan`` ...) as attributes. Four *ambient* keys always exist and need not be declared:
+``metrics`` (a dict, saved as ``metrics.json``), ``log`` (a :class:`logging.Logger`), ``run_dir``
+(a :class:`~pathlib.Path`, or ``None`` when the pipeline runs without a run folder) and
+``progress`` (whether long passes should show progress bars: use :func:`progress_bar`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prunegraph.errors import (
+    PassError,
+    PostconditionError,
+    PreconditionError,
+    PrunegraphError,
+    SpecError,
+)
+
+__all__ = [
+    "AMBIENT_KEYS",
+    "MissingStateError",
+    "Pass",
+    "PassResult",
+    "State",
+    "register_pass",
+    "get_pass_class",
+    "registered_passes",
+    "isolated_registry",
+    "nearest",
+    "coerce_param",
+    "type_name",
+    "progress_bar",
+]
+
+#: State keys that every :class:`State` has; passes need not list them in ``requires``.
+AMBIENT_KEYS: tuple[str, ...] = ("metrics", "log", "run_dir", "progress")
+
+_LOG = logging.getLogger("prunegraph.pipeline.pipeline")
+
+
+def nearest(name: str, candidates: typing.Iterable[str], n: int = 3) -> str:
+    """A ``" Did you mean 'a' or 'b'?"`` suffix for an error message (empty if nothing is close)."""
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+# --------------------------------------------------------------------------------------- State
+
+
+class MissingStateError(PreconditionError, AttributeError):
+    """``state.<key>`` for a key the state does not hold; an AttributeError too, so that
+    ``hasattr(state, key)`` and ``getattr(state, key, default)`` keep working."""
+
+
+class State:
+    """Named artifacts flowing through a pipeline, read and written as attributes.
+
+    ``state.groups`` raises :class:`PreconditionError` naming the key when it is absent;
+    ``state.has("groups")`` asks first. ``state.keys()`` lists the artifacts present.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, **artifacts: Any) -> None:
+        object.__setattr__(self, "_items", {})
+        self._items.update(metrics={}, log=_LOG, run_dir=None, progress=False)
+        for key, value in artifacts.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        try:
+            return self._items[key]
+        except KeyError:
+            present = ", ".join(sorted(self.keys())) or "nothing"
+            raise MissingStateError(
+                f"state has no {key!r} (it holds: {present}).{nearest(key, self._items)} "
+                f"Add a pass that provides {key!r} earlier in the pipeline."
+            ) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if hasattr(type(self), key):
+            raise AttributeError(f"{key!r} is a State method and cannot name an artifact")
+        if key == "run_dir" and value is not None:
+            value = Path(value)
+        if key == "metrics" and not isinstance(value, dict):
+            raise TypeError(f"state.metrics must be a dict, got {type(value).__name__}")
+        self._items[key] = value
+
+    def __delattr__(self, key: str) -> None:
+        if key in AMBIENT_KEYS:
+            raise AttributeError(f"cannot delete the ambient state key {key!r}")
+        if key not in self._items:
+            raise PreconditionError(f"state has no {key!r} to delete")
+        del self._items[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def has(self, key: str) -> bool:
+        """Whether artifact ``key`` is present (ambient keys always are)."""
+        return key in self._items
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._items.get(key, default)
+
+    def keys(self) -> list[str]:
+        """The artifact keys present, ambient keys excluded."""
+        return [k for k in self._items if k not in AMBIENT_KEYS]
+
+    def __repr__(self) -> str:
+        return f"State({', '.join(self.keys())})"
+
+
+def progress_bar(state: State, iterable: Any = None, *, total: int | None = None,
+                 desc: str | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar for a long pass, shown only when ``state.progress`` is on."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not state.progress, leave=False,
+                **kwargs)
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What :meth:`Pass.run` returns: the state, whether anything changed, and counts."""
+
+    state: State
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- Pass
+
+
+class Pass:
+    """Base class of every pass. Subclasses are frozen dataclasses; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self._check_params()
+        self.validate()
+
+    def validate(self) -> None:
+        """Override to check parameter values (ranges, combinations); raise :class:`SpecError`."""
+
+    def run(self, state: State) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {type(self).__name__} does not implement run(state)")
+
+    # -- the checked call ------------------------------------------------------------------
+
+    def __call__(self, state: State) -> PassResult:
+        """Run with the contract checked: requires present, a PassResult back, provides present."""
+        if not isinstance(state, State):
+            raise TypeError(f"pass {self.pass_name()} expects a State, got {type(state).__name__}")
+        missing = [k for k in self.requires if not state.has(k)]
+        if missing:
+            raise PreconditionError(
+                f"pass {self.pass_name()} requires {', '.join(map(repr, missing))} but the state "
+                f"holds only {', '.join(map(repr, state.keys())) or 'nothing'}. "
+                f"{_providers_hint(missing[0])}"
+            )
+        try:
+            result = self.run(state)
+        except PrunegraphError:
+            raise
+        except Exception as e:
+            raise PassError(f"pass {self.pass_name()} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(result, PassResult):
+            raise PostconditionError(
+                f"pass {self.pass_name()}.run returned {type(result).__name__}, expected "
+                f"PassResult(state, modified, stats)"
+            )
+        if not isinstance(result.state, State):
+            raise PostconditionError(
+                f"pass {self.pass_name()} returned a PassResult whose state is "
+                f"{type(result.state).__name__}, expected State"
+            )
+        if not isinstance(result.stats, dict):
+            raise PostconditionError(f"pass {self.pass_name()} returned non-dict stats")
+        absent = [k for k in self.provides if not result.state.has(k)]
+        if absent:
+            raise PostconditionError(
+                f"pass {self.pass_name()} promised to provide {', '.join(map(repr, absent))} "
+                f"but the state it returned lacks them"
+            )
+        return result
+
+    # -- parameters ------------------------------------------------------------------------
+
+    @classmethod
+    def pass_name(cls) -> str:
+        return cls.name or cls.__name__
+
+    @classmethod
+    def param_fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The parameter fields (``init=True`` dataclass fields)."""
+        if not dataclasses.is_dataclass(cls):
+            return ()
+        return tuple(f for f in dataclasses.fields(cls) if f.init)
+
+    @classmethod
+    def param_types(cls) -> dict[str, Any]:
+        """Parameter name -> resolved annotation."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints.get(f.name, Any) for f in cls.param_fields()}
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """Parameter name -> default (``dataclasses.MISSING`` for required parameters)."""
+        out = {}
+        for f in cls.param_fields():
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = dataclasses.MISSING
+        return out
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter with its resolved value, as plain JSON/YAML data."""
+        return {f.name: _to_plain(getattr(self, f.name)) for f in self.param_fields()}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The spec form ``{Name: {param: value, ...}}`` with every default filled in."""
+        return {self.pass_name(): self.params()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None, *, where: str = "") -> Pass:
+        """Build from a parameter mapping, with nearest-name hints for unknown parameters."""
+        params = {} if params is None else params
+        prefix = f"{where}: " if where else ""
+        if not isinstance(params, dict):
+            raise SpecError(
+                f"{prefix}parameters of pass {cls.pass_name()} must be a mapping, got "
+                f"{type(params).__name__} {params!r}"
+            )
+        known = [f.name for f in cls.param_fields()]
+        for key in params:
+            if key not in known:
+                listing = ", ".join(known) or "none"
+                raise SpecError(
+                    f"{prefix}pass {cls.pass_name()} has no parameter {key!r}."
+                    f"{nearest(str(key), known)} Its parameters: {listing}."
+                )
+        missing = [k for k, v in cls.param_defaults().items()
+                   if v is dataclasses.MISSING and k not in params]
+        if missing:
+            types_ = cls.param_types()
+            raise SpecError(
+                f"{prefix}pass {cls.pass_name()} needs parameter "
+                + ", ".join(f"{k!r} ({type_name(types_[k])})" for k in missing)
+            )
+        try:
+            return cls(**params)
+        except SpecError as e:
+            raise SpecError(f"{prefix}{e}") from None
+
+    def _check_params(self) -> None:
+        types_ = self.param_types()
+        for f in self.param_fields():
+            value = getattr(self, f.name)
+            try:
+                coerced = coerce_param(value, types_[f.name])
+            except TypeError:
+                raise SpecError(
+                    f"pass {self.pass_name()}: parameter {f.name!r} expects "
+                    f"{type_name(types_[f.name])}, got {type(value).__name__} {value!r}"
+                ) from None
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.param_fields())
+        return f"{self.pass_name()}({args})"
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------------ parameter type check
+
+
+def type_name(tp: Any) -> str:
+    """A readable name for an annotation: ``float``, ``'a' | 'b'``, ``tuple[int, ...]``."""
+    origin = typing.get_origin(tp)
+    if tp is type(None) or tp is None:
+        return "None"
+    if tp is Any:
+        return "any"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce_param(value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widened to float, lists to
+    tuples). Raise :class:`TypeError` when it does not fit."""
+    if tp is Any:
+        return value
+    if tp is type(None) or tp is None:
+        if value is None:
+            return value
+        raise TypeError
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        for a in typing.get_args(tp):
+            if value == a and type(value) is type(a):
+                return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return coerce_param(value, a)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = tuple(coerce_param(v, args[0]) for v in value)
+        elif not args:
+            items = tuple(value)
+        else:
+            if len(args) != len(value):
+                raise TypeError
+            items = tuple(coerce_param(v, a) for v, a in zip(value, args))
+        return items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        args = typing.get_args(tp) or (Any, Any)
+        return {coerce_param(k, args[0]): coerce_param(v, args[1]) for k, v in value.items()}
+    if origin is list:
+        raise TypeError("list parameters are mutable; annotate tuple[X, ...] instead")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value) if not isinstance(value, float) else value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise TypeError
+        return value
+    raise TypeError(f"unsupported parameter annotation {tp!r}")
+
+
+# ------------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: register a frozen-dataclass :class:`Pass` under its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise TypeError(f"@register_pass expects a Pass subclass, got {cls!r}")
+    if "name" not in cls.__dict__ or not cls.__dict__["name"]:
+        cls.name = cls.__name__
+    if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+        raise TypeError(
+            f"pass {cls.name} must be a dataclass: put @dataclass(frozen=True) under "
+            f"@register_pass"
+        )
+    if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"pass {cls.name} must be frozen: use @dataclass(frozen=True)")
+    for attr in ("requires", "provides"):
+        value = getattr(cls, attr)
+        if not (isinstance(value, tuple) and all(isinstance(k, str) for k in value)):
+            raise TypeError(f"pass {cls.name}.{attr} must be a tuple of str, got {value!r}")
+    typing.get_type_hints(cls)  # fail now on an annotation that does not resolve
+    old = _REGISTRY.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"pass name {cls.name!r} is already registered by {old.__module__}.{old.__qualname__}; "
+            f"give {cls.__module__}.{cls.__qualname__} another name"
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    """The registered pass called ``name``; :class:`SpecError` with the nearest names if none."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        hint = nearest(str(name), _REGISTRY)
+        if not hint:
+            hint = f" Registered passes: {', '.join(sorted(_REGISTRY)) or 'none'}."
+        raise SpecError(
+            f"unknown pass {name!r}.{hint} (`prunegraph passes` lists every pass.)"
+        ) from None
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """A copy of the registry: name -> pass class."""
+    return dict(_REGISTRY)
+
+
+@contextmanager
+def isolated_registry(*, empty: bool = False) -> Iterator[None]:
+    """Register passes inside the block only (for tests): the registry is restored on exit.
+
+    With ``empty=True`` the block starts with no pass registered, so test passes may reuse the
+    names of real ones. Load plugins *before* the block: ones first imported inside it would be
+    dropped on exit and, being imported once, never registered again.
+    """
+    saved = dict(_REGISTRY)
+    if empty:
+        _REGISTRY.clear()
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+
+
+def _providers_hint(key: str) -> str:
+    providers = sorted(n for n, c in _REGISTRY.items() if key in c.provides)
+    if not providers:
+        return f"No registered pass provides {key!r}."
+    return f"Passes that provide {key!r}: {', '.join(providers)}."

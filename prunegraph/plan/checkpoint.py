@@ -1,0 +1,265 @@
+"""Saving and reloading pruned models with per-layer shapes and no hand-written model code.
+
+A pruned folder holds::
+
+    model.safetensors                 the pruned weights (tied parameters stored once)
+    prunegraph_buffers.safetensors    non-persistent buffers (RoPE tables ...), so nothing is
+                                      re-derived from code on load
+    config.json                       a standard HF config: for a uniform plan with the pruned
+                                      widths (plain AutoModelForCausalLM.from_pretrained loads it),
+                                      otherwise the base config
+    prunegraph_plan.json/.safetensors the plan, the base config and the tied names
+    tokenizer files, generation_config.json when given / present
+
+:func:`from_pretrained` builds the *base* architecture from the stored base config on the ``meta``
+device, applies the plan structurally with the same slicing code as the pruning run (so any
+per-layer widths work), loads the tensors with ``assign=True``, re-ties shared parameters and
+returns the model in eval mode. The folder is built under a temporary name and renamed, so a
+failed save leaves nothing behind.
+
+A model that carries a method runtime (PrunePath's routers) saves the same way through a
+registered :class:`~prunegraph.plan.extensions.CheckpointExtension`: its parameters are stored
+with the others, and the plan's JSON records, under the extension's name, the spec that
+:func:`from_pretrained` rebuilds the runtime from before loading the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunegraph.errors import CheckpointError, PlanError, PreconditionError, PrunegraphError
+from prunegraph.plan.extensions import registered_extensions
+from prunegraph.plan.plan import Plan, _atomic_dir
+from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
+
+__all__ = ["save_pruned", "from_pretrained", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
+
+WEIGHTS = "model.safetensors"
+BUFFERS = "prunegraph_buffers.safetensors"
+PLAN_STEM = "prunegraph_plan"
+#: Keys of the plan's extra JSON that the core itself writes (others name extensions).
+_PLAN_EXTRA_KEYS = frozenset({"base_config", "model_class", "tied", "hf_compatible"})
+_FIX = "re-save the model with prunegraph.save_pruned (or copy the folder again)"
+
+
+def _tied(model: nn.Module) -> list[list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls = getattr(transformers, model_class, None) if model_class else None
+    with torch.device("meta"):
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls._from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _config_from_dict(data: dict[str, Any]):
+    from transformers import AutoConfig
+
+    data = dict(data)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _hf_config(model: nn.Module, plan: Plan, base_config: Any) -> Any | None:
+    """The base config with the plan's uniform fields, if it builds exactly the pruned shapes."""
+    updates = config_updates(plan, base_config)
+    if not updates:
+        return None
+    cfg = _config_from_dict(base_config.to_dict())
+    for k, v in updates.items():
+        setattr(cfg, k, v)
+    try:
+        probe = _meta_model(cfg, type(model).__name__, None)
+    except Exception:
+        return None
+    want = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    got = {n: tuple(p.shape) for n, p in probe.named_parameters(remove_duplicate=False)}
+    if want != got:
+        return None
+    if getattr(cfg, "_experts_implementation", None) not in (None, "eager") and not all(
+            grouped_mm_aligned(m) for m in model.modules()):
+        return None  # plain HF loading would run grouped GEMM on unaligned widths
+    return cfg
+
+
+def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer: Any = None,
+                *, overwrite: bool = False) -> Path:
+    """Save a model sliced with ``plan`` so that :func:`from_pretrained` rebuilds it exactly.
+
+    Raises:
+        CheckpointError: ``path`` exists (pass ``overwrite=True``), or the model's shapes are not
+            what ``plan`` makes of its base model. Nothing is written then.
+        PreconditionError: the model still carries gates.
+    """
+    from safetensors.torch import save_file
+    from torch.nn.utils import parametrize
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; choose another folder or pass "
+                              f"overwrite=True")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise PreconditionError("the model still has gates; remove them (remove_gates) and slice "
+                                "it (apply_plan) before saving")
+    if plan.fingerprint is None:
+        raise CheckpointError("the plan has no base-model fingerprint, so the base architecture "
+                              "cannot be rebuilt; build it with Plan.from_keep(..., model=base)")
+    base_config = _config_from_dict(dict(plan.fingerprint["config"],
+                                         **{"dtype": str(next(model.parameters()).dtype)
+                                            .removeprefix("torch.")}))
+    extensions = registered_extensions()
+    added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
+    _check_shapes(model, plan, base_config, skip=added)
+
+    tied = _tied(model)
+    aliases = {n for names in tied for n in names[1:]}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in aliases}
+    persistent = set(model.state_dict())
+    buffers = {n: b.detach().contiguous().cpu() for n, b in model.named_buffers()
+               if n not in persistent and b is not None}
+    hf_config = _hf_config(model, plan, base_config)
+    extra = {"base_config": base_config.to_dict(), "model_class": type(model).__name__,
+             "tied": tied, "hf_compatible": hf_config is not None}
+    for name, ext in extensions.items():
+        described = ext.describe(model)
+        if described is not None:
+            extra[name] = described  # the runtime is rebuilt from this on load
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
+        (hf_config or base_config).to_json_file(str(tmp / "config.json"))
+        plan.write_files(tmp, PLAN_STEM, extra)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return _atomic_dir(path, write)
+
+
+def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str] = frozenset()
+                  ) -> None:
+    """Refuse to save a model whose shapes are not the plan applied to its base model
+    (parameters in ``skip``, such as PrunePath routers, are added on top of the plan)."""
+    want = plan.sliced_shapes({n: tuple(s) for n, s in plan.fingerprint["params"].items()})
+    got = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
+           if n not in skip}
+    if want != got:
+        diff = [f"{n}: expected {want.get(n)}, model {got.get(n)}"
+                for n in sorted(set(want) | set(got)) if want.get(n) != got.get(n)]
+        raise CheckpointError("the model is not the plan's base model sliced by the plan ("
+                              + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+                              + "); slice the base model with apply_plan(model, plan) first")
+
+
+def _rebuild_extensions(model: nn.Module, extra: dict[str, Any], path: Path) -> None:
+    """Reinstall every method runtime the checkpoint records (PrunePath's routers ...)."""
+    extensions = registered_extensions()
+    for name, described in extra.items():
+        if name in _PLAN_EXTRA_KEYS or not described:
+            continue
+        if name not in extensions:
+            raise CheckpointError(f"{path / (PLAN_STEM + '.json')} records a {name!r} runtime, "
+                                  f"but no installed plugin rebuilds it; install the package "
+                                  f"that provides it")
+        try:
+            extensions[name].rebuild(model, described)
+        except (KeyError, TypeError, PrunegraphError) as e:
+            raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: the {name} runtime cannot "
+                                  f"be rebuilt ({e}); {_FIX}") from e
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+    """Load a folder written by :func:`save_pruned` (see the module docstring).
+
+    Raises:
+        CheckpointError: a missing, truncated or corrupt file, named with the fix.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass the folder save_pruned wrote")
+    for name in (WEIGHTS, BUFFERS, "config.json", f"{PLAN_STEM}.json", f"{PLAN_STEM}.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing; {_FIX}")
+    try:
+        plan, extra = Plan.read_files(path, PLAN_STEM)
+    except PlanError as e:
+        raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: {e}") from e
+    if "base_config" not in extra:
+        raise CheckpointError(f"{path / (PLAN_STEM + '.json')} has no base config; {_FIX}")
+    tensors = {}
+    for name in (WEIGHTS, BUFFERS):
+        try:
+            tensors[name] = load_file(str(path / name))
+        except Exception as e:
+            raise CheckpointError(f"{path / name} is truncated or corrupt ({e}); {_FIX}") from e
+
+    config = _config_from_dict(extra["base_config"])
+    dtype = dtype or getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = _meta_model(config, extra.get("model_class"), dtype)
+    try:
+        apply_plan(model, plan, structural=True)
+    except PlanError as e:
+        raise CheckpointError(f"{path}: the stored plan does not fit the stored base config "
+                              f"({e}); {_FIX}") from e
+    _rebuild_extensions(model, extra, path)
+
+    weights, buffers = tensors[WEIGHTS], tensors[BUFFERS]
+    aliases = {n for names in extra.get("tied", []) for n in names[1:]}
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k} {list(weights[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+             if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not match the pruned architecture: "
+            + "; ".join(f"{label}: {', '.join(items[:4])}" for label, items in
+                        (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if items)
+            + f"; {_FIX}")
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    model.load_state_dict(weights, strict=False, assign=True)
+    for names in extra.get("tied", []):
+        param = model.get_parameter(names[0])
+        for alias in names[1:]:
+            module_path, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(module_path) if module_path else model, attr, param)
+    for name, value in buffers.items():
+        module_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        if attr not in owner._buffers:
+            raise CheckpointError(f"{path / BUFFERS} holds {name!r}, which the model has no "
+                                  f"buffer for; {_FIX}")
+        owner._buffers[attr] = value
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{path}: no stored values for {', '.join(left[:5])}; {_FIX}")
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model._prunegraph_plan = plan
+    return model.to(device).eval()
