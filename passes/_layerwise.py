@@ -106,9 +106,11 @@ def _run(layer: nn.Module, hidden: list[torch.Tensor], rest: list[list], i: int
 
 def for_each_layer(model: nn.Module, blocks: torch.Tensor, batch_size: int,
                    visit: Callable[[int, nn.Module, Callable[[], None]], Any],
-                   sequential: bool = True, progress: bool = False) -> int:
-    """Call ``visit(i, layer, run)`` for every decoder layer in order (see the module doc);
-    returns the number of forwards through the full model (one per batch)."""
+                   sequential: bool = True, progress: bool = False,
+                   after: Callable[[int, nn.Module], Any] | None = None) -> int:
+    """Call ``visit(i, layer, run)`` for every decoder layer in order (see the module doc), and
+    ``after(i, layer)`` once the next layer's inputs are computed; returns the number of
+    forwards through the full model (one per batch)."""
     _, layers = decoder_layers(model)
     device = next(model.parameters()).device
     was_training = model.training
@@ -127,6 +129,8 @@ def for_each_layer(model: nn.Module, blocks: torch.Tensor, batch_size: int,
                     hidden = _run(layer, hidden, rest, i)
                 else:
                     hidden = list(dense_out)
+                if after is not None:
+                    after(i, layer)
     finally:
         model.train(was_training)
     return len(rest)

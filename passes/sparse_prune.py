@@ -119,21 +119,40 @@ def oneshot_masks(model: nn.Module, method: str, sparsity: float, pattern: str =
                   blocks: torch.Tensor | None = None, *, comparison: str = "row",
                   batch_size: int = 8, sequential: bool = True, blocksize: int = 128,
                   percdamp: float = 0.01, skip: Iterable[str] = (), progress: bool = False,
+                  apply: bool = True, names: dict[str, tuple[nn.Module, int]] | None = None,
                   ) -> tuple[MaskSet, int]:
     """Prune ``model`` in place with ``method`` and return ``(masks, forwards)``; ``blocks``
-    (calibration tokens) are needed for ``wanda`` and ``sparsegpt``."""
+    (calibration tokens) are needed for ``wanda`` and ``sparsegpt``. With ``apply=False`` every
+    weight is restored once its layer is done (the masks only: LEAP's initialisation);
+    ``names`` overrides :func:`prunable_weights`."""
     from prunegraph.passes._layerwise import for_each_layer
 
     nm = parse_pattern(pattern)
-    names = prunable_weights(model, skip)
+    names = prunable_weights(model, skip) if names is None else names
     if not names:
         raise SpecError("the model has no linear weight to prune")
     keep: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
     forwards = 0
+
+    def prune(name: str, stat) -> None:
+        mod, dim = names[name]
+        if not apply:
+            saved[name] = mod.weight.detach().clone()
+        keep[name] = _prune_weight(mod, dim, method if stat is not None or method == "magnitude"
+                                   else "magnitude", stat, sparsity, nm, comparison, blocksize,
+                                   percdamp)
+
+    def restore(*_: object) -> None:
+        with torch.no_grad():
+            for name, w in saved.items():
+                names[name][0].weight.copy_(w)
+        saved.clear()
+
     if method == "magnitude":
-        for name, (mod, dim) in names.items():
-            keep[name] = _prune_weight(mod, dim, method, None, sparsity, nm, comparison,
-                                       blocksize, percdamp)
+        for name in names:
+            prune(name, None)
+        restore()
     else:
         if blocks is None:
             raise SpecError(f"method {method!r} needs calibration blocks")
@@ -146,18 +165,13 @@ def oneshot_masks(model: nn.Module, method: str, sparsity: float, pattern: str =
                 for h in handles:
                     h.remove()
             for name, stat in stats.items():
-                mod, dim = names[name]
-                keep[name] = _prune_weight(mod, dim, method, stat, sparsity, nm, comparison,
-                                           blocksize, percdamp)
+                prune(name, stat)
 
         forwards = for_each_layer(model, blocks, batch_size, visit, sequential=sequential,
-                                  progress=progress)
-    missing = [n for n in names if n not in keep]
-    if missing:  # a linear the layer walk never ran (unused module): rank it by magnitude
-        for name in missing:
-            mod, dim = names[name]
-            keep[name] = _prune_weight(mod, dim, "magnitude", None, sparsity, nm, comparison,
-                                       blocksize, percdamp)
+                                  progress=progress, after=restore)
+    for name in [n for n in names if n not in keep]:
+        prune(name, None)  # a linear the layer walk never ran (unused module): by magnitude
+    restore()
     masks = masks_from({n: keep[n] for n in names}, names, pattern=pattern, method=method,
                        target_sparsity=sparsity)
     return masks, forwards
@@ -175,7 +189,7 @@ class SparsePrune(Pass):
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     sparsity: float | None = None
-    pattern: str = "unstructured"
+    pattern: str | int = "unstructured"  # int only to explain an unquoted YAML 2:4 (= 124)
     comparison: Literal["row", "layer"] = "row"
     calib_blocks: int = 128
     block_len: int = 128

@@ -14,11 +14,14 @@ from prunegraph.ir.groups import Group
 from prunegraph.passes.gates.base import BUDGETS, DEFAULT_KINDS, SCOPES, GateFamily, check_fraction
 from prunegraph.passes.gates.ddp import DDPGates
 from prunegraph.passes.gates.hard_concrete import HardConcreteGates
+from prunegraph.passes.gates.leap import LeapGates
 
-__all__ = ["FAMILIES", "GateFamily", "DDPGates", "HardConcreteGates", "make_family",
+__all__ = ["FAMILIES", "GateFamily", "DDPGates", "HardConcreteGates", "LeapGates", "make_family",
            "check_family", "BUDGETS", "SCOPES", "DEFAULT_KINDS", "check_fraction"]
 
-FAMILIES: dict[str, type[GateFamily]] = {"ddp": DDPGates, "hard_concrete": HardConcreteGates}
+#: Unit families (GateFamily subclasses) and weight families (``site = "weights"``: LEAP).
+FAMILIES: dict[str, type] = {"ddp": DDPGates, "hard_concrete": HardConcreteGates,
+                             "leap": LeapGates}
 
 
 def check_family(name: str) -> type[GateFamily]:

@@ -330,8 +330,12 @@ class Train(Pass):
 
     def run(self, state: State) -> PassResult:
         device = next(state.model.parameters()).device
-        objective = GateObjective(state.gate_family.to(device).train(), state.gates,
-                                  polish_steps=self.polish_steps, model=state.model)
+        family = state.gate_family.to(device).train()
+        make = getattr(family, "objective", None)  # a family with its own objective (LEAP)
+        objective = (make(state.gates, polish_steps=self.polish_steps, model=state.model)
+                     if make is not None else
+                     GateObjective(family, state.gates, polish_steps=self.polish_steps,
+                                   model=state.model))
         stats = self.fit(state, objective)
         state.metrics.setdefault("train", {}).update(stats)
         return PassResult(state, modified=True, stats=stats)

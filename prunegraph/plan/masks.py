@@ -55,8 +55,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"(\d+):(\d+)", str(pattern))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+        hint = (" (quote it in YAML: pattern: '2:4'; unquoted, YAML reads 2:4 as the "
+                "base-60 number 124)" if isinstance(pattern, int) else "")
         raise SpecError(f"sparsity pattern must be 'unstructured' or 'N:M' with 0 < N < M "
-                        f"(e.g. '2:4'), got {pattern!r}")
+                        f"(e.g. '2:4'), got {pattern!r}{hint}")
     return int(m.group(1)), int(m.group(2))
 
 
