@@ -9,6 +9,10 @@ changes; outputs equal the masked dense model's up to the GEMM's accumulation or
     model = AutoModelForCausalLM.from_pretrained("runs/wanda24/model", dtype=torch.bfloat16).cuda()
     report = to_semi_structured(model)          # {"converted": [...], "skipped": {name: why}}
 
+Backends: cuSPARSELt (``auto`` picks it when torch has it; the only one on Hopper) and torch's
+CUTLASS kernels, which run on compute capability 8.x only (on an H200 they raise "Supported only
+on GPUs with compute capability 8.x"; :func:`to_semi_structured` refuses first).
+
 A linear is eligible (:func:`candidates`, pure and CPU-checkable) when it is an ``nn.Linear``
 (GPT-2's ``Conv1D`` stores ``[in, out]`` and is skipped), its weight dtype is one the backend
 runs (bf16/fp16; CUTLASS also fp32), its shape is a multiple of the backend's tile (torch's own
@@ -142,6 +146,10 @@ def to_semi_structured(model: nn.Module, backend: Literal["auto", "cusparselt", 
 
     _check_device(model)
     backend = resolve_backend(backend)
+    major, _ = torch.cuda.get_device_capability(next(model.parameters()).device)
+    if backend == "cutlass" and major != 8:
+        raise PrunegraphError(f"torch's CUTLASS 2:4 kernels run on compute capability 8.x "
+                              f"(A100) only; this GPU is {major}.x: use backend='cusparselt'")
     found = candidates(model, backend, names)
     ok = [c for c in found if c.ok]
     skipped = {c.name: c.reason for c in found if not c.ok}

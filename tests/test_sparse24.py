@@ -84,6 +84,8 @@ def test_cpu_model_is_refused_before_anything_changes():
                     or torch.cuda.get_device_capability()[0] < 8, reason="needs a sm80+ GPU")
 @pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
 def test_converted_model_matches_the_masked_one_on_gpu(backend):
+    if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
+        pytest.skip("torch's CUTLASS 2:4 kernels run on sm8x only")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
