@@ -6,7 +6,6 @@ from pathlib import Path
 
 from prunegraph.pipeline.runfolder import atomic_write_text
 
-
 #: Written people's reading of a section goes below this line; a re-run keeps it.
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this section -->"
 

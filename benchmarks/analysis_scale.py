@@ -27,9 +27,9 @@ TARGETS = {"smollm2-135m": 10.0, "meta:llama-3-8b": 30.0, "meta:qwen3-32b": 30.0
 def measure(spec: str) -> dict:
     import torch
 
+    from prunegraph.data.models import load_model
     from prunegraph.ir.analysis import analyze
     from prunegraph.ir.analysis.report import summary
-    from prunegraph.data.models import load_model
 
     t0 = time.perf_counter()
     model, _ = load_model(spec, tokenizer=False)

@@ -26,21 +26,21 @@ import time
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
-from prunegraph.ir.analysis import analyze
+
+from prunegraph.data.blocks import text_blocks
 from prunegraph.data.models import load_model
-from prunegraph.pipeline.contract import State
-from prunegraph.pipeline.runfolder import atomic_write_text
+from prunegraph.data.tasks import load_task
+from prunegraph.ir.analysis import analyze
 from prunegraph.passes.evaluation.evaluate import count_params
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.passes.finalize import Finalize
 from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.prune import Prune
 from prunegraph.passes.slice import Slice
-from prunegraph.passes.train.loop import Train
-from prunegraph.data.tasks import load_task
-from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.passes.train import Train
+from prunegraph.pipeline.contract import State
+from prunegraph.pipeline.runfolder import atomic_write_text
 
 ONESHOT = ("magnitude", "wanda", "taylor")
 LEARNED = ("ddp", "hard_concrete")
@@ -218,8 +218,7 @@ def main() -> None:
         groups = [Group.from_dict(d) for d in json.loads(Path(args.groups).read_text())]
     else:
         groups = analyze(base).groups
-    _, held_out = split_documents(load_documents("wikipedia"))
-    blocks = token_blocks(tokenizer, held_out, 512, args.ppl_blocks)
+    blocks = text_blocks(tokenizer, "wikipedia", "evaluation", 512, args.ppl_blocks)
     tasks = {t: load_task(t) for t in args.tasks}
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or "cpu", "torch": torch.__version__,

@@ -27,18 +27,17 @@ from pathlib import Path
 
 import torch
 
-from prunegraph.ir.analysis import analyze
+from prunegraph.data.blocks import text_blocks
 from prunegraph.data.models import load_model
+from prunegraph.data.tasks import load_task
+from prunegraph.ir.analysis import analyze
 from prunegraph.passes.allocate import allocate
 from prunegraph.passes.evaluation.evaluate import count_params
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.passes.importance import score_groups
-from prunegraph.passes.prune import calibration_blocks
-from prunegraph.plan.plan import Plan
 from prunegraph.pipeline.runfolder import atomic_write_text
+from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan
-from prunegraph.data.tasks import load_task
-from prunegraph.data.text import load_documents, split_documents, token_blocks
 
 
 def prefill_seconds(model, ids: torch.Tensor) -> float:
@@ -100,9 +99,8 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model)
     groups = analyze(model).groups
-    _, held_out = split_documents(load_documents("wikipedia"))
-    blocks = token_blocks(tokenizer, held_out, args.seq_len, args.ppl_blocks)
-    calib = calibration_blocks(tokenizer, "wikipedia", 128, args.calib_blocks)
+    blocks = text_blocks(tokenizer, "wikipedia", "evaluation", args.seq_len, args.ppl_blocks)
+    calib = text_blocks(tokenizer, "wikipedia", "calibration", 128, args.calib_blocks)
     tasks = {t: load_task(t) for t in args.tasks.split(",")}
 
     rows = [{"name": "dense", "criterion": None, "sparsity": 0.0,

@@ -41,8 +41,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
+
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -67,10 +67,9 @@ def load(name: str):
 
 
 def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
-    from prunegraph.data.text import load_documents, split_documents, token_blocks
+    from prunegraph.data.blocks import text_blocks
 
-    _, docs = split_documents(load_documents("wikipedia"))
-    return token_blocks(tokenizer, docs, seq_len, n_blocks)
+    return text_blocks(tokenizer, "wikipedia", "evaluation", seq_len, n_blocks)
 
 
 def load_groups(path: Path | None, model) -> list:
@@ -99,9 +98,13 @@ def load_spec(path: Path, sets: list[str] | tuple = ()):
 def example_passes(args) -> tuple[list, int]:
     """The example's passes with this run's overrides, minus ``Load`` and ``Analyze`` (the model
     and groups come from here) and ``Save`` unless ``--save`` is given; and the spec's seed."""
-    sets = [f"PrunePath.{key}={getattr(args, key)}"
-            for key in ("warmup_steps", "steps", "batch_size", "block_len")
-            if getattr(args, key) is not None]
+    example = next(p for p in load_spec(EXAMPLE).pipeline.passes if p.pass_name() == "PrunePath")
+    warmup = args.warmup_steps if args.warmup_steps is not None else example.warmup_steps
+    sparse = args.steps if args.steps is not None else example.train.steps - example.warmup_steps
+    train = {**example.train.to_dict(), "steps": warmup + sparse}  # both stages
+    train.update({k: getattr(args, k) for k in ("batch_size", "block_len")
+                  if getattr(args, k) is not None})
+    sets = [f"PrunePath.warmup_steps={warmup}", f"PrunePath.train={json.dumps(train)}"]
     sets += [f"{p}.{k}={v}" for p in ("Evaluate", "TauSweep")
              for k, v in (("ppl_blocks", args.ppl_blocks), ("seq_len", args.seq_len))]
     sets.append(f"TauSweep.taus={args.taus}")
@@ -135,6 +138,15 @@ def from_run(run: Path) -> dict:
     return points(metrics, params, run=str(run), saved=metrics.get("model_dir"))
 
 
+def flat_params(params: dict) -> dict:
+    """PrunePath's parameters with its training settings flat and ``steps`` the sparse stage
+    (as results written before the settings moved under ``train`` hold them)."""
+    if "train" not in params:
+        return params
+    train = params["train"]
+    return {**params, **train, "steps": train["steps"] - params["warmup_steps"]}
+
+
 def points(metrics: dict, params: dict, run: str | None, saved: str | None) -> dict:
     training = metrics["prunepath"]
     return {"run": run, "saved_model": saved, "dense": metrics.get("dense", {}),
@@ -149,13 +161,13 @@ def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int,
                  ) -> list[dict]:
     """One-shot Wanda pruning of the MLP channels only, uniform per layer, at each fraction
     (gates at 0/1 on ``model``, removed after each point)."""
-    from prunegraph.plan.gating import apply_gates
+    from prunegraph.data.blocks import text_blocks
     from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.importance import score_groups
-    from prunegraph.passes.prune import calibration_blocks
+    from prunegraph.plan.gating import apply_gates
 
     channels = [g for g in groups if g.kind == "channels"]
-    calib = calibration_blocks(tokenizer, "wikipedia", 128, calib_blocks)
+    calib = text_blocks(tokenizer, "wikipedia", "calibration", 128, calib_blocks)
     scores = score_groups(model, channels, "wanda", blocks=calib, progress=False)
     device = next(model.parameters()).device
     rows = []
@@ -186,12 +198,12 @@ def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     """DDP gates on the MLP channels at keep ratio ``fraction`` (same quota in every layer),
     trained, finalized to exactly that quota, sliced and evaluated."""
     from prunegraph.ir.groups import Group
-    from prunegraph.pipeline.contract import State
     from prunegraph.passes.evaluation.metrics import perplexity
     from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.gates.insert import Gate
     from prunegraph.passes.slice import Slice
-    from prunegraph.passes.train.loop import Train
+    from prunegraph.passes.train import Train
+    from prunegraph.pipeline.contract import State
 
     say(f"static ddp f={fraction:.3f}: training on {cfg['device']}")
     base, tok = load(MODEL)
@@ -341,7 +353,7 @@ def setup_line(result: dict) -> str:
 def method_line(result: dict) -> str:
     """The settings of each side."""
     pp, ddp = result["prunepath"], result["ddp"]
-    p, moefy = pp["params"], pp["moefy"]
+    p, moefy = flat_params(pp["params"]), pp["moefy"]
     text = (f"MoEfy: {moefy.get('experts')} experts × {moefy.get('group_size')} channels per "
             f"MLP (balanced k-means on the gate rows). PrunePath: {p['warmup_steps']} dense "
             f"warm-up steps at τ {p['warmup_tau']}, then {p['steps']} sparse steps at τ "
@@ -427,6 +439,7 @@ def device_name(device: torch.device) -> str:
 def ddp_config(args, prunepath_params: dict, fractions: list[float]) -> dict:
     """The static DDP settings: PrunePath's batch shape unless given, one worker process per
     point on CUDA unless given."""
+    prunepath_params = flat_params(prunepath_params)
     batch = args.batch_size or prunepath_params["batch_size"]
     block = args.block_len or prunepath_params["block_len"]
     on_cuda = args.device.startswith("cuda")

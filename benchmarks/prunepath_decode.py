@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
+
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 SECTION = "## PrunePath end-to-end greedy decoding (GPU)"
@@ -99,13 +99,13 @@ def moefy_and_route(model, group_size: int, iters: int) -> None:
     """Analyze, MoEfy (balanced k-means experts) and install zero routers, as the example
     pipeline does, without training."""
     from prunegraph.ir.analysis import analyze
-    from prunegraph.pipeline.contract import State
     from prunegraph.passes.prunepath.moefy import MoEfy
     from prunegraph.passes.prunepath.training import PrunePath
+    from prunegraph.pipeline.contract import State
 
     state = State(model=model, groups=list(analyze(model).groups))
     state = MoEfy(group_size=group_size, iters=iters)(state).state
-    PrunePath(warmup_steps=0, steps=0)(state)
+    PrunePath(warmup_steps=0, train=dict(steps=0))(state)
 
 
 @torch.no_grad()
@@ -162,10 +162,9 @@ def make_prompt(tokenizer, vocab: int, length: int, seed: int = 0) -> torch.Tens
     """A fixed ``[1, length]`` prompt: held-out Wikipedia text, or random ids without a
     tokenizer."""
     if tokenizer is not None:
-        from prunegraph.data.text import load_documents, split_documents, token_blocks
+        from prunegraph.data.blocks import text_blocks
 
-        _, held_out = split_documents(load_documents("wikipedia"))
-        return token_blocks(tokenizer, held_out, block_len=length, n_blocks=1, seed=seed)
+        return text_blocks(tokenizer, "wikipedia", "evaluation", length, 1, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (1, length), generator=gen)
 

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _docs import replace_section
+
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -62,10 +62,10 @@ def _models(run: str | None):
 
         pruned, _ = load_run_or_model(run)
         return dense, pruned, tokenizer, None, {"source": run}
-    from prunegraph.pipeline.load import Load
     from prunegraph.passes.analyze import Analyze
     from prunegraph.passes.prune import Prune
     from prunegraph.passes.slice import Slice
+    from prunegraph.pipeline.load import Load
     from prunegraph.pipeline.pipeline import Pipeline
 
     t = time.perf_counter()

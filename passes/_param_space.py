@@ -19,10 +19,12 @@ from prunegraph.errors import SpecError
 from prunegraph.ir.groups import Group, Member
 from prunegraph.ir.groups import removed_params as count_removed
 
-__all__ = ["SCOPES", "ParamSpace", "param_space", "decoder_stack", "removed_params",
+__all__ = ["PARAM_SCOPES", "ParamSpace", "param_space", "decoder_stack", "removed_params",
            "member_index_cost"]
 
-SCOPES = ("decoder", "all")
+#: Which parameters a budget counts (see the module docstring); not the gate families'
+#: constraint scopes (``global``/``group``, :data:`prunegraph.passes.gates.base.CONSTRAINT_SCOPES`).
+PARAM_SCOPES = ("decoder", "all")
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ def decoder_stack(model: nn.Module) -> str:
 
 def param_space(model: nn.Module, scope: str = "decoder") -> ParamSpace:
     """Shapes and scope of ``model``'s parameters (works on the ``meta`` device)."""
-    if scope not in SCOPES:
-        raise SpecError(f"unknown budget scope '{scope}'; choose one of {', '.join(SCOPES)}")
+    if scope not in PARAM_SCOPES:
+        raise SpecError(f"unknown parameter scope '{scope}' (which parameters the budget "
+                        f"counts); choose one of {', '.join(PARAM_SCOPES)}")
     first: dict[int, str] = {}
     shapes, canon = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 
 from prunegraph.errors import PostconditionError, PreconditionError
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.plan.gating import GateSet, installed_gates
 
 __all__ = ["Fuse", "FusedLinear", "FusedPart", "fuse", "unfuse", "sibling_linears",
            "fold_gates"]
@@ -172,13 +173,14 @@ def sibling_linears(model: nn.Module, graph: Any = None) -> list[tuple[str, list
 # ------------------------------------------------------------------------------- folding
 
 
-def fold_gates(model: nn.Module) -> int:
-    """Multiply gates still installed on ``model`` into their weights; returns how many weights.
+def fold_gates(model_or_gates: nn.Module | GateSet) -> int:
+    """Multiply gates into their weights (a :class:`GateSet`, or the gates installed on a model);
+    returns how many weights.
 
     Raises:
         PreconditionError: an experts gate is exactly 0 (its router mask cannot be folded).
     """
-    gates = getattr(model, "_prunegraph_gates", None)
+    gates = model_or_gates if isinstance(model_or_gates, GateSet) else installed_gates(model_or_gates)
     if gates is None:
         return 0
     for name, group in gates.groups.items():
@@ -208,18 +210,20 @@ def _fused_name(parent: nn.Module, children: list[str]) -> str:
     return name
 
 
-def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True) -> dict[str, Any]:
+def fuse(model: nn.Module, graph: Any = None, *, fold: bool = True,
+         gates: GateSet | None = None) -> dict[str, Any]:
     """Fuse sibling linears of ``model`` in place (see the module docstring).
 
     Args:
         graph: a captured graph of ``model`` (or of its unsliced base: only the structure is read);
             captured when omitted.
         fold: fold gates still installed on the model into their weights first.
+        gates: those gates, when the caller holds them (the pipeline's ``state.gates``).
 
     Returns:
         ``{"fused": [{"module", "parts", "out_features"}], "linears_fused", "scales_folded"}``.
     """
-    folded = fold_gates(model) if fold else 0
+    folded = fold_gates(gates if gates is not None else model) if fold else 0
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise PreconditionError("the model has parametrizations that are not prunegraph gates; "
                                 "remove them before fusing")
@@ -289,6 +293,11 @@ class Fuse(Pass):
     name = "Fuse"
     requires = ("model",)
     provides = ("model",)
+    invalidates = {
+        "plan": "fused modules replace the parameters the plan names (Save before Fuse)",
+        "graph": "fusion changed the model's modules", "analysis": "fusion changed the model's modules",
+        "groups": "fusion changed the model's modules", "gates": "fusion folded the gates in",
+    }
 
     check: bool = True
     recapture: bool = False
@@ -297,7 +306,7 @@ class Fuse(Pass):
         model = state.model
         before = _probe_logits(model) if self.check else None
         graph = None if self.recapture else state.get("graph")
-        report = fuse(model, graph)
+        report = fuse(model, graph, gates=state.get("gates"))
         if state.has("gates"):
             del state.gates
         if before is not None:

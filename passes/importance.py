@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from prunegraph.errors import PreconditionError, SpecError
+from prunegraph.errors import PreconditionError, SpecError, nearest
 from prunegraph.ir.groups import Group, Member
 
 __all__ = ["CRITERIA", "Scores", "score_groups", "unit_sums", "member_params"]
@@ -60,10 +60,7 @@ class Scores(dict):
 def check_criterion(criterion: str) -> None:
     """Raise :class:`SpecError` naming the valid criteria when ``criterion`` is unknown."""
     if criterion not in CRITERIA:
-        import difflib
-
-        close = difflib.get_close_matches(str(criterion), CRITERIA, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = nearest(str(criterion), CRITERIA)
         raise SpecError(
             f"unknown importance criterion '{criterion}'; choose one of {', '.join(CRITERIA)}.{hint}"
         )

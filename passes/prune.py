@@ -1,9 +1,9 @@
 """The ``Prune`` pass: one-shot structured pruning by an importance criterion, to a budget.
 
-No training: score every unit of every prunable group on calibration text
-(:mod:`prunegraph.passes.importance`), allocate the parameter budget
-(:mod:`prunegraph.passes.allocate`) and hand the kept units to :meth:`Plan.from_keep`. These are
-the baselines every trained method is compared against::
+No training: score every unit of every prunable group on calibration text (the calibration
+split, :func:`prunegraph.data.blocks.text_blocks`) with :mod:`prunegraph.passes.importance`,
+allocate the parameter budget (:mod:`prunegraph.passes.allocate`) and hand the kept units to
+:meth:`Plan.from_keep`. These are the baselines every trained method is compared against::
 
     Pipeline([Load("smollm2-135m"), Analyze(), Prune(criterion="wanda", sparsity=0.2), Slice()])
 
@@ -17,19 +17,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.passes.allocate import check_sparsity, allocate, check_budget
+from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
 from prunegraph.passes.importance import score_groups
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
-__all__ = ["Prune", "calibration_blocks"]
-
-
-def calibration_blocks(tokenizer, source: str, block_len: int, n_blocks: int):
-    """``n_blocks`` token blocks from the *calibration* split of ``source`` (never evaluation)."""
-    from prunegraph.data.text import load_documents, split_documents, token_blocks
-
-    calibration, _ = split_documents(load_documents(source))
-    return token_blocks(tokenizer, calibration, block_len, n_blocks)
+__all__ = ["Prune"]
 
 
 @register_pass
@@ -74,8 +66,10 @@ class Prune(Pass):
                     "the state's tokenizer is None; load a model with a tokenizer or use "
                     "criterion='magnitude'"
                 )
-            blocks = calibration_blocks(state.tokenizer, self.source, self.block_len,
-                                        self.calib_blocks)
+            from prunegraph.data.blocks import text_blocks
+
+            blocks = text_blocks(state.tokenizer, self.source, "calibration", self.block_len,
+                                 self.calib_blocks)
         scores = score_groups(model, groups, self.criterion, blocks=blocks,
                               batch_size=self.batch_size, progress=bool(state.progress))
         keep = allocate(groups, scores, self.sparsity, model=model, scope=self.scope,

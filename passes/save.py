@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from prunegraph.plan.checkpoint import save_pruned
+
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.pipeline.runfolder import run_path
+from prunegraph.plan.checkpoint import save_pruned
 
 __all__ = ["Save"]
 

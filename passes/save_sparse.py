@@ -75,18 +75,15 @@ def save_sparse(model: nn.Module, masks: MaskSet, path: str | os.PathLike, token
 class SaveSparse(Pass):
     """Save the weight-pruned model to ``path`` (relative to the run folder) as a standard HF
     checkpoint with ``masks.safetensors`` beside it. It reads ``state.masks`` (from SparsePrune,
-    or from Finalize of a weight family such as LEAP, which cannot declare it statically)."""
+    or from Finalize of a weight family such as LEAP)."""
 
     name = "SaveSparse"
-    requires = ("model",)
+    requires = ("model", "masks")
     provides = ("saved_model",)
 
     path: str = "model"
 
     def run(self, state: State) -> PassResult:
-        if state.get("masks") is None:
-            raise PreconditionError("SaveSparse needs weight masks: put SparsePrune, or Gate "
-                                    "(family: leap) + Train + Finalize, before it")
         target = run_path(state.run_dir, self.path, "SaveSparse.path")
         with torch.no_grad():
             save_sparse(state.model, state.masks, target, tokenizer=state.get("tokenizer"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunegraph.plan.gating import remove_gates
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.plan.gating import remove_gates
 from prunegraph.plan.slicing import apply_plan
 
 __all__ = ["Slice", "apply_plan"]
@@ -28,6 +28,9 @@ class Slice(Pass):
     name = "Slice"
     requires = ("model", "plan")
     provides = ("model",)
+    invalidates = {k: "slicing changed the model's shapes" for k in
+                   ("graph", "analysis", "groups", "gates", "gate_family", "trained_gates")}
+    guarantees = ("sliced-equals-gated",)
 
     check: bool = True
 

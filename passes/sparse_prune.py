@@ -32,9 +32,12 @@ from torch import nn
 
 from prunegraph.errors import SpecError
 from prunegraph.plan.masks import MaskSet, masks_from, parse_pattern, sparse_linears
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.pipeline.contract import Pass, PassResult, State, declare_key, register_pass
 
 __all__ = ["SparsePrune", "prunable_weights", "oneshot_masks", "resolve_sparsity"]
+
+declare_key("masks", "prunegraph.plan.masks.MaskSet",
+            "per-weight keep masks of weight pruning; the zeros are already in the weights")
 
 
 def prunable_weights(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, int]]:
@@ -216,7 +219,7 @@ class SparsePrune(Pass):
                 raise SpecError(f"pass SparsePrune: skip pattern {s!r} is not a regex ({e})")
 
     def run(self, state: State) -> PassResult:
-        from prunegraph.passes.prune import calibration_blocks
+        from prunegraph.data.blocks import text_blocks
 
         sparsity = resolve_sparsity(self.sparsity, self.pattern, "pass SparsePrune")
         start = time.perf_counter()
@@ -225,8 +228,8 @@ class SparsePrune(Pass):
             if state.tokenizer is None:
                 raise SpecError(f"method '{self.method}' needs a tokenizer for calibration text; "
                                 f"load a model that ships one or use method: magnitude")
-            blocks = calibration_blocks(state.tokenizer, self.source, self.block_len,
-                                        self.calib_blocks)
+            blocks = text_blocks(state.tokenizer, self.source, "calibration", self.block_len,
+                                 self.calib_blocks)
         masks, forwards = oneshot_masks(
             state.model, self.method, sparsity, self.pattern, blocks,
             comparison=self.comparison, batch_size=self.batch_size, sequential=self.sequential,

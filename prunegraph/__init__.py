@@ -1,8 +1,8 @@
 """prunegraph: a compiler for pruning language models."""
 
 from prunegraph.errors import *  # noqa: F401,F403
-from prunegraph.ir.groups import Constraints, Group, Member
 from prunegraph.ir.capture import capture  # noqa: E402  (the function shadows its module's name)
+from prunegraph.ir.groups import Constraints, Group, Member
 
 __all__ = ["Constraints", "Group", "Member", "capture", "analyze", "load_model", "Plan", "apply_gates", "remove_gates", "apply_plan",
            "save_pruned", "from_pretrained"]

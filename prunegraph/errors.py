@@ -7,6 +7,9 @@ visible.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "PrunegraphError",
     "CaptureError",
@@ -59,3 +62,13 @@ class CheckpointError(PrunegraphError):
 
 class BudgetError(PrunegraphError, ValueError):
     """A pruning budget is out of range or impossible under the group constraints."""
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """A ``" Did you mean 'a' or 'b'?"`` suffix for an error message (empty if nothing is close).
+
+    Every "did you mean" in prunegraph comes from here, so suggestions read the same everywhere."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.5)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -40,9 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.ir.capture import traceable_experts
 from prunegraph.errors import PreconditionError, PrunegraphError, SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
+from prunegraph.ir.capture import traceable_experts
+from prunegraph.pipeline.contract import (
+    Pass,
+    PassResult,
+    State,
+    declare_key,
+    register_pass,
+)
 from prunegraph.pipeline.runfolder import run_path
 from prunegraph.targets.export_cli import export_target
 
@@ -356,6 +362,9 @@ def load_run_or_model(spec: str):
 
 # ------------------------------------------------------------------------------- pass, CLI
 
+
+declare_key("onnx_path", "builtins.str",
+            "the ONNX file an export wrote")
 
 @register_pass
 @dataclass(frozen=True)

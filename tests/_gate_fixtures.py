@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _pruning_fixtures import fresh, groups_of
 from _tiny_tokenizer import make_tokenizer
+
 from prunegraph.pipeline.contract import State
 
 WORDS = ("the of and to in a is was for on that with as by at from his her it an were are which "

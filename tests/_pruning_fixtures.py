@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from prunegraph.ir.groups import Group
 from prunegraph.data.models import RANDOM_CONFIGS, load_model
+from prunegraph.ir.groups import Group
 from prunegraph.plan.plan import Plan
 
 ARCHS = sorted(RANDOM_CONFIGS)

@@ -14,3 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
+
+# The pipeline's invariant checks (gates at 1 == original, sliced == gated, declared state types)
+# run between passes in every test that runs a pipeline.
+os.environ.setdefault("PRUNEGRAPH_CHECKS", "1")

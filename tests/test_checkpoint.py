@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_plan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_plan
 from prunegraph import from_pretrained
-from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.errors import CheckpointError
+from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan
 

@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from _gate_fixtures import gated_state, ids, one_thread  # noqa: F401
 from _pruning_fixtures import fresh, groups_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from prunegraph.errors import BudgetError, SpecError
-from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.gates import make_family
 from prunegraph.passes.gates.ddp import mu_schedule, retention_score, ste_relu
+from prunegraph.passes.gates.insert import Gate
 
 
 def _sigmoid(x: float) -> float:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
+
 from prunegraph.passes._param_space import param_space
 from prunegraph.passes.finalize import Finalize
 from prunegraph.passes.slice import Slice
-from prunegraph.passes.train.loop import Train
+from prunegraph.passes.train import Train
 
 
 def _trained(arch, corpus, steps=12, **gate_kw):

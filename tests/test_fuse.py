@@ -8,15 +8,15 @@ import functools
 
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_keep, random_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from _pruning_fixtures import fresh, groups_of, input_ids, logits, random_keep, random_plan
 from prunegraph.ir.capture import capture
-from prunegraph.plan.gating import apply_gates, gate_shape
-from prunegraph.pipeline.contract import State
 from prunegraph.passes.fuse import Fuse, FusedLinear, FusedPart, fuse, unfuse
+from prunegraph.pipeline.contract import State
+from prunegraph.plan.gating import apply_gates, gate_shape
 from prunegraph.plan.slicing import apply_plan
 
 #: architectures with separate sibling projections, and the sets the graph should yield per layer

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of, input_ids, logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pruning_fixtures import fresh, groups_of, input_ids, logits
 from prunegraph.errors import PlanError, PrunegraphError
-from prunegraph.plan.gating import apply_gates, gate_shape, remove_gates, unit_multiplier
 from prunegraph.ir.groups import Member
+from prunegraph.plan.gating import apply_gates, gate_shape, remove_gates, unit_multiplier
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "phi3", "gpt2", "qwen2-moe"])

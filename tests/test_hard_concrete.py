@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-
 from _gate_fixtures import gated_state, ids, one_thread  # noqa: F401
 from _pruning_fixtures import fresh, groups_of
+
 from prunegraph.errors import SpecError
-from prunegraph.passes.gates.insert import Gate
 from prunegraph.passes.gates import make_family
 from prunegraph.passes.gates.hard_concrete import deterministic_gate, nonzero_probability
+from prunegraph.passes.gates.insert import Gate
 
 
 def test_eval_gates_at_init_reproduce_dense_exactly():

@@ -19,13 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from prunegraph.data.blocks import text_blocks
+from prunegraph.data.models import load_model
 from prunegraph.errors import BudgetError, PreconditionError, SpecError
 from prunegraph.ir.groups import Constraints, Group, Member
-from prunegraph.data.models import load_model
-from prunegraph.pipeline.contract import State, get_pass_class
 from prunegraph.passes.allocate import allocate, check_budget, max_removable
 from prunegraph.passes.importance import score_groups, unit_sums
-from prunegraph.passes.prune import Prune, calibration_blocks
+from prunegraph.passes.prune import Prune
+from prunegraph.pipeline.contract import State, get_pass_class
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
@@ -483,7 +484,7 @@ def test_calibration_blocks_come_from_the_calibration_split_only(tmp_path):
     source, _ = _docs(tmp_path)
     tok = make_tokenizer()
     _, held_out = split_documents(load_documents(source))
-    ids = calibration_blocks(tok, source, 32, 8)
+    ids = text_blocks(tok, source, "calibration", 32, 8)
     assert ids.shape == (8, 32)
     text = "".join(tok.convert_ids_to_tokens(ids.flatten().tolist()))
     for doc in held_out:

@@ -99,14 +99,14 @@ def test_fused_linear_gradients_match_plain_autograd(in_dim, nm):
 
 
 def test_wanda_initialisation_puts_the_prior_on_the_wanda_mask(corpus):
-    from prunegraph.passes.prune import calibration_blocks
+    from prunegraph.data.blocks import text_blocks
     from prunegraph.passes.sparse_prune import oneshot_masks
 
     state = leap_state(corpus, sparsity=0.6)
     fam = state.gate_family
     assert all(torch.equal(p, q) for p, q in zip(state.model.parameters(),
                                                  fresh("llama").parameters()))  # untouched
-    blocks = calibration_blocks(make_tokenizer(), corpus, 32, 4)
+    blocks = text_blocks(make_tokenizer(), corpus, "calibration", 32, 4)
     wanda, _ = oneshot_masks(fresh("llama"), "wanda", 0.6, blocks=blocks)
     gen = torch.Generator().manual_seed(0)
     for name in fam.linears:
@@ -188,6 +188,8 @@ def test_bad_options_fail_at_construction():
         Gate(family="leap", sparsity=0.6, options={"pattern": "2:4"})
     with pytest.raises(SpecError, match="no option"):
         Gate(family="leap", sparsity=0.5, options={"mu0": 0.5})
+    with pytest.raises(SpecError, match="N:M"):
+        Gate(family="leap", sparsity=0.5, options={"pattern": 124})   # an unquoted YAML 2:4
     with pytest.raises(SpecError, match="logits_dtype"):
         Gate(family="leap", sparsity=0.5, options={"logits_dtype": "int8"})
     with pytest.raises(SpecError, match="budget"):
@@ -280,3 +282,23 @@ def test_pipeline_to_a_plain_hf_checkpoint(tmp_path, corpus, arch, pattern):
     saved = MaskSet.load(tmp_path / "model" / MASKS_FILE)
     assert saved.method == "leap" and saved.pattern == pattern
     assert isinstance(state.gate_family, LeapGates)
+
+
+def test_pipeline_validates_and_runs_with_the_invariant_checks(tmp_path, corpus):
+    """Built as one pipeline: SaveSparse's need for masks is met by Finalize's may_provide, the
+    gates-at-one check runs around Gate (LEAP's masks all at 1 = the model before), and every
+    provided key has its declared type."""
+    from prunegraph.pipeline import Pipeline
+
+    opts = {"source": corpus, "calib_blocks": 4, "block_len": 32}
+    pipe = Pipeline([Gate(family="leap", sparsity=0.5, lr=0.05, options=opts),
+                     Train(steps=3, batch_size=2, block_len=32, warmup=1, kd_weight=1.0,
+                           source=corpus, plots=False),
+                     Finalize(), SaveSparse()], initial=("model", "tokenizer", "groups"))
+    state = pipe.run(State(model=fresh("llama"), tokenizer=make_tokenizer(),
+                           groups=list(groups_of("llama"))), run_dir=tmp_path / "run",
+                     checks=True, progress=False)
+    assert state.masks.sparsity() == pytest.approx(0.5, abs=1e-4)
+    assert (tmp_path / "run" / "model" / "masks.safetensors").is_file()
+    with pytest.raises(SpecError, match="masks"):
+        Pipeline([SaveSparse()], initial=("model", "tokenizer"))

@@ -7,13 +7,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import State
 from prunegraph.passes.prunepath.moefy import (
-    MoEfy, balanced_kmeans, channel_features, expert_sizes, feature_member, moefy,
+    MoEfy,
+    balanced_kmeans,
+    channel_features,
+    expert_sizes,
+    feature_member,
+    moefy,
 )
+from prunegraph.pipeline.contract import State
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _pruning_fixtures import fresh, groups_of  # noqa: E402

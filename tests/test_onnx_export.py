@@ -15,9 +15,9 @@ import types
 
 import pytest
 import torch
+from _pruning_fixtures import ARCHS, fresh, random_plan
 from torch import nn
 
-from _pruning_fixtures import ARCHS, fresh, random_plan
 from prunegraph.cli.main import main
 from prunegraph.errors import PreconditionError, SpecError
 from prunegraph.plan.gating import apply_gates

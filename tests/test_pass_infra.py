@@ -119,7 +119,7 @@ def test_state_missing_key_names_it_and_suggests():
 def test_state_ambient_keys_always_present():
     s = State()
     assert s.metrics == {} and s.run_dir is None and s.progress is False
-    assert s.log.name == "prunegraph.pipeline.pipeline"
+    assert s.log.name == "prunegraph.pipeline"
     assert s.keys() == []
     s.run_dir = "runs/x"
     assert str(s.run_dir) == "runs/x" and s.run_dir.__class__.__name__.endswith("Path")

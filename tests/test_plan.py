@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of, random_plan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pruning_fixtures import fresh, groups_of, random_plan
 from prunegraph.errors import BudgetError, PlanError
 from prunegraph.ir.groups import Constraints, Group, Member
 from prunegraph.plan.plan import Plan
@@ -155,8 +155,9 @@ def test_check_model_names_the_differences():
     plan = random_plan("llama", 3)
     with pytest.raises(PlanError, match="model class: plan LlamaForCausalLM, model MistralForCausalLM"):
         plan.check_model(fresh("mistral"))
-    from prunegraph.data.models import load_config
     from transformers import AutoModelForCausalLM
+
+    from prunegraph.data.models import load_config
 
     config = load_config("random:llama")
     config.intermediate_size = 128

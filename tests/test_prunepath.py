@@ -9,21 +9,21 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import prunegraph
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath, PrunePathObjective, TauSweep, sweep
-from prunegraph.passes.train.loop import Train, TrainingHalted
+from prunegraph.passes.train import TrainConfig, TrainingHalted, fit
+from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn_reference, prunepath_gates
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _pruning_fixtures import fresh, groups_of  # noqa: E402
 from _tiny_tokenizer import make_tokenizer  # noqa: E402
-
 
 
 def _routed(arch: str, group_size: int = 12, tau: float = 0.6, mode: str = "exclusive",
@@ -32,7 +32,7 @@ def _routed(arch: str, group_size: int = 12, tau: float = 0.6, mode: str = "excl
     model = fresh(arch)
     state = MoEfy(group_size=group_size, iters=5)(State(model=model,
                                                         groups=list(groups_of(arch)))).state
-    state = PrunePath(warmup_steps=0, steps=0, tau=tau, mode=mode)(state).state
+    state = PrunePath(warmup_steps=0, train=dict(steps=0), tau=tau, mode=mode)(state).state
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for r in pp.routers(model):
@@ -138,7 +138,7 @@ def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
     state = MoEfy(group_size=12, iters=5)(state).state
     ffn_before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     attn_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    result = PrunePath(warmup_steps=2, steps=2, batch_size=2, block_len=16, lr=0.0,
+    result = PrunePath(warmup_steps=2, train=dict(steps=4, batch_size=2, block_len=16), lr=0.0,
                        router_lr=1e-2, tau=0.8)(state)
     routers = pp.routers(model)
     assert all(r.weight.abs().sum() > 0 for r in routers)  # zero-initialised, then trained
@@ -153,8 +153,8 @@ def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
     model2 = fresh("llama")
     state2 = MoEfy(group_size=12, iters=5)(State(model=model2, groups=list(groups_of("llama")),
                                                  tokenizer=make_tokenizer())).state
-    PrunePath(warmup_steps=1, steps=1, batch_size=2, block_len=16, lr=1e-3, router_lr=0.0,
-              router_decay=0.0)(state2)
+    PrunePath(warmup_steps=1, train=dict(steps=2, batch_size=2, block_len=16), lr=1e-3,
+              router_lr=0.0, router_decay=0.0)(state2)
     assert all(r.weight.abs().sum() == 0 for r in pp.routers(model2))
     assert not torch.equal(model2.model.layers[0].mlp.up_proj.weight,
                            fresh("llama").model.layers[0].mlp.up_proj.weight)
@@ -167,15 +167,15 @@ def _moefied(arch: str = "llama") -> State:
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
-    kw = dict(warmup_steps=2, steps=3, batch_size=2, block_len=16, grad_accum=2, lr=1e-3,
-              router_lr=1e-2, checkpoint_every=2)
+    train = dict(steps=5, batch_size=2, block_len=16, grad_accum=2, checkpoint_every=2)
+    kw = dict(warmup_steps=2, lr=1e-3, router_lr=1e-2, train=train)
     full = _moefied()
     full.run_dir = tmp_path / "a"
     PrunePath(**kw)(full)
     first = _moefied()
     first.run_dir = tmp_path / "b"
     with pytest.raises(TrainingHalted, match="resume"):
-        PrunePath(halt_after=3, **kw)(first)               # stops inside the sparse stage
+        PrunePath(**{**kw, "train": {**train, "halt_after": 3}})(first)  # inside the sparse stage
     again = _moefied()                                     # a fresh process: new model, routers
     again.run_dir = tmp_path / "b"
     PrunePath(**kw)(again)
@@ -193,7 +193,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
         assert not (tmp_path / run / "prunepath" / "checkpoint.pt").exists()
     kept = _moefied()
     kept.run_dir = tmp_path / "c"
-    PrunePath(keep_checkpoint=True, **kw)(kept)
+    PrunePath(**{**kw, "train": {**train, "keep_checkpoint": True}})(kept)
     assert (tmp_path / "c" / "prunepath" / "checkpoint.pt").exists()
 
 
@@ -201,7 +201,7 @@ def test_router_scope_trains_only_the_routers_and_keeps_the_flags():
     state = _moefied()
     before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
     state.model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
-    PrunePath(warmup_steps=1, steps=1, batch_size=2, block_len=16, lr=1e-2,
+    PrunePath(warmup_steps=1, train=dict(steps=2, batch_size=2, block_len=16), lr=1e-2,
               train_scope="router")(state)
     routers = pp.router_param_names(state.model)
     for name, p in state.model.named_parameters():
@@ -214,8 +214,9 @@ def test_prunepath_objective_has_no_teacher():
     state = _moefied()
     pp.install(state.model, state.moe_layout)
     objective = PrunePathObjective(state.model, PrunePath())
+    objective.kd_weight = 1.0
     with pytest.raises(SpecError, match="no teacher.*kd_weight=0"):
-        Train(steps=1, kd_weight=1.0).fit(state, objective)
+        fit(state, objective, TrainConfig(steps=1))
 
 
 def test_tau_sweep_records_points():
@@ -230,17 +231,20 @@ def test_tau_sweep_records_points():
 
 
 def test_tau_sweep_on_a_loaded_checkpoint(tmp_path):
-    """One saved checkpoint, swept later through the ordinary loader (`model: DIR`)."""
-    from prunegraph.data.models import load_model
+    """One saved checkpoint, swept later through the ordinary loader (`model: DIR`): Load puts
+    the folder's plan and routers in the state, which TauSweep requires."""
+    from prunegraph.errors import PreconditionError
+    from prunegraph.pipeline.load import Load
 
     model, state = _routed("llama", tau=0.6)
     prunegraph.save_pruned(model, state.plan, tmp_path / "m", tokenizer=make_tokenizer())
-    loaded, tok = load_model(str(tmp_path / "m"))
-    rows = TauSweep(taus=[0.5, 2.0], ppl_blocks=1, seq_len=16)(
-        State(model=loaded, tokenizer=tok)).state.metrics["sweep"]
+    loaded = Load(model=str(tmp_path / "m"), device="cpu")(State()).state
+    assert loaded.router["layers"] and loaded.plan.fingerprint == state.plan.fingerprint
+    rows = TauSweep(taus=[0.5, 2.0], ppl_blocks=1, seq_len=16)(loaded).state.metrics["sweep"]
     assert rows[1]["active_fraction"] == 1.0 > rows[0]["active_fraction"]
-    with pytest.raises(SpecError, match="needs a PrunePath model"):
-        TauSweep(taus=[0.5], ppl_blocks=1, seq_len=16)(State(model=fresh("llama"), tokenizer=tok))
+    with pytest.raises(PreconditionError, match="requires 'router'.*PrunePath"):
+        TauSweep(taus=[0.5], ppl_blocks=1, seq_len=16)(
+            State(model=fresh("llama"), tokenizer=loaded.tokenizer))
 
 
 def test_bad_input_errors_before_work():
@@ -253,9 +257,9 @@ def test_bad_input_errors_before_work():
     with pytest.raises(SpecError, match="mode"):
         PrunePath(mode="nucleus")
     with pytest.raises(SpecError, match="grad_accum"):
-        PrunePath(grad_accum=0)
+        PrunePath(train=dict(grad_accum=0))
     with pytest.raises(SpecError, match="halt_after"):
-        PrunePath(halt_after=0)
+        PrunePath(train=dict(halt_after=0))
     with pytest.raises(SpecError, match="train_tau_max"):
         PrunePath(train_tau=0.6, train_tau_max=0.5)
     model, _ = _routed("llama")
@@ -285,7 +289,7 @@ def test_remove_restores_the_dense_permuted_model():
 
 
 def test_sparse_stage_tau_range_is_sampled_per_step_and_reproducible(tmp_path):
-    kw = dict(warmup_steps=1, steps=6, batch_size=2, block_len=16, train_tau=0.5,
+    kw = dict(warmup_steps=1, train=dict(steps=7, batch_size=2, block_len=16), train_tau=0.5,
               train_tau_max=0.9)
     runs = []
     for name in ("a", "b"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _pruning_fixtures import ARCHS, fresh, groups_of, input_ids, logits, random_plan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pruning_fixtures import ARCHS, fresh, groups_of, input_ids, logits, random_plan
 from prunegraph.errors import PlanError, PreconditionError
 from prunegraph.passes._param_space import param_space, removed_params
 from prunegraph.plan.gating import apply_gates

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from prunegraph.cli import run_command as run_cli
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.contract import Pass, PassResult, State, isolated_registry, register_pass
+from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.spec import Spec, load_spec, parse_value
 
 RAN: list[str] = []
@@ -170,7 +170,8 @@ def test_no_model_hint(tmp_path):
         ("seed: '1'\npasses: []\n", r"top-level 'seed' expects int, got str '1'"),
         ("seed: true\npasses: []\n", r"top-level 'seed' expects int, got bool True"),
         ("version: 2\npasses: []\n", r"spec version 2 is not supported"),
-        ("initial: [model]\npasses: []\n", r"'initial' belongs to Pipeline.to_dict\(\)"),
+        ("model: random:llama\ninitial: [model]\npasses: []\n",
+         r"'initial' lists state keys .* loads its model"),
         ("passes:\n  - {Source: {}, Capture: {}}\n", r"passes\[0\]: a pass entry must be"),
     ],
 )

@@ -13,9 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prunegraph.data.text import (
+    Document,
+    load_documents,
+    split_documents,
+    token_blocks,
+    tokenizer_adds_bos,
+)
 from prunegraph.errors import PrunegraphError
-from prunegraph.data.text import (Document, load_documents, split_documents, token_blocks,
-                             tokenizer_adds_bos)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _tiny_tokenizer import make_tokenizer  # noqa: E402

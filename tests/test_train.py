@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from _gate_fixtures import corpus, gated_state, ids, one_thread  # noqa: F401
+
 from prunegraph.errors import SpecError
+from prunegraph.passes.train import Train, TrainingHalted, lr_factor
 from prunegraph.pipeline.contract import State
-from prunegraph.passes.train.loop import Train, TrainingHalted, lr_factor
 
 
 def _train(state: State, run_dir, **kw):
@@ -64,7 +64,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, corpus, family
 def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     """The polish fixes Finalize's choice on the gates the search ended with; the kept gates
     still move, the removed ones end at 0, Finalize then keeps that set, sliced equals gated."""
-    from prunegraph.passes.finalize import Finalize, plan_from_values
+    from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.slice import Slice
 
     state = gated_state(arch, sparsity=0.3, lr=0.1)
@@ -81,8 +81,8 @@ def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     trained = state.trained_gates
     Finalize()(state)
     planned = state.plan.gate_values()
-    at_start = plan_from_values(fam, {n: v.detach().float() for n, v in seen[8].items()}, "topk",
-                                model=state.model).gate_values()
+    at_start = fam.finalize({n: v.detach().float() for n, v in seen[8].items()}, mode="topk",
+                            model=state.model).gate_values()
     for name, value in trained.items():
         assert torch.equal(value != 0, planned[name] != 0)
         assert torch.equal(value != 0, at_start[name] != 0)

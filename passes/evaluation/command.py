@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from prunegraph.cli.main import command
-from prunegraph.errors import PrunegraphError
+from prunegraph.data.blocks import text_blocks
 from prunegraph.data.tasks import load_task
-from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.data.text import load_documents
+from prunegraph.errors import PrunegraphError
 
 __all__ = ["run_eval"]
 
@@ -65,7 +66,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json_path and not Path(args.json_path).resolve().parent.is_dir():
         raise PrunegraphError(f"--json {args.json_path}: its folder does not exist; create it")
     tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
-    held_out = split_documents(load_documents(args.text))[1] if args.ppl_blocks else None
+    if args.ppl_blocks:
+        load_documents(args.text)  # a bad text source fails before the model loads
     if not tasks and not args.ppl_blocks:
         raise PrunegraphError("nothing to evaluate: give --ppl-blocks > 0 or --tasks")
 
@@ -75,9 +77,9 @@ def run_eval(args: argparse.Namespace) -> int:
                               f"encoded for it; use a model folder or .gguf that holds one")
     progress = not args.no_progress
     results: dict = {"model": args.model}
-    if held_out is not None:
+    if args.ppl_blocks:
         t0 = time.perf_counter()
-        blocks = token_blocks(tok, held_out, block_len=args.seq_len, n_blocks=args.ppl_blocks)
+        blocks = text_blocks(tok, args.text, "evaluation", args.seq_len, args.ppl_blocks)
         ppl = perplexity(model, blocks, batch_size=args.batch_size, progress=progress)
         results["perplexity"] = {"text": args.text, "blocks": args.ppl_blocks,
                                  "seq_len": args.seq_len, "value": ppl,

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["Evaluate", "count_params"]
 
@@ -50,8 +50,8 @@ class Evaluate(Pass):
                 raise SpecError(f"Evaluate.{key} must be >= {low}, got {getattr(self, key)}")
 
     def run(self, state: State) -> PassResult:
+        from prunegraph.data.blocks import text_blocks
         from prunegraph.data.tasks import load_task
-        from prunegraph.data.text import load_documents, split_documents, token_blocks
 
         if state.tokenizer is None:
             raise SpecError("Evaluate needs a tokenizer: load a model that ships one "
@@ -60,8 +60,8 @@ class Evaluate(Pass):
         result: dict = {"params": count_params(state.model)}
         start = time.perf_counter()
         if self.ppl_blocks:
-            _, held_out = split_documents(load_documents(self.source))
-            blocks = token_blocks(state.tokenizer, held_out, self.seq_len, self.ppl_blocks)
+            blocks = text_blocks(state.tokenizer, self.source, "evaluation", self.seq_len,
+                                 self.ppl_blocks)
             result["ppl"] = perplexity(state.model, blocks, self.batch_size, state.progress)
             result["ppl_tokens"] = int(blocks.numel())
         for name, task in zip(self.tasks, tasks):

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunegraph.errors import PrunegraphError
 from prunegraph.data.tasks import Task, load_task
 from prunegraph.data.text import tokenizer_adds_bos
+from prunegraph.errors import PrunegraphError
 
 __all__ = ["perplexity", "multiple_choice", "select_examples"]
 

@@ -1,45 +1,47 @@
 """Gate families for mask training: one interface (:class:`GateFamily`), several methods.
 
-``make_family("ddp", groups, sparsity=0.2, model=model)`` builds one by name; the Train pass
-(:mod:`prunegraph.passes.train.loop`) runs any of them without knowing which.
+Each family is one module that registers itself (:func:`register_family`) with its name, where
+its gates sit and its typed options; the built-in ones are imported below. ``make_family("ddp",
+groups, sparsity=0.2, model=model)`` builds one by name; the ``Gate`` pass installs it, ``Train``
+trains it and ``Finalize`` asks it for its plan, none of them knowing which family it is.
+
+Modules: :mod:`.base` (the interface), :mod:`.options` (typed options), :mod:`.registry`,
+:mod:`.units` (the base of unit families: augmented-Lagrangian budget, values -> kept units),
+:mod:`.ddp`, :mod:`.hard_concrete`, :mod:`.leap` (weight gates; its objective in
+:mod:`.leap_objective`), :mod:`.insert` (the ``Gate`` pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from prunegraph.passes.gates.base import (
+    BUDGETS,
+    CONSTRAINT_SCOPES,
+    DEFAULT_KINDS,
+    SITES,
+    GateFamily,
+    check_fraction,
+)
 
-from prunegraph.errors import SpecError
-from prunegraph.ir.groups import Group
-from prunegraph.passes.gates.base import BUDGETS, DEFAULT_KINDS, SCOPES, GateFamily, check_fraction
-from prunegraph.passes.gates.ddp import DDPGates
-from prunegraph.passes.gates.hard_concrete import HardConcreteGates
-from prunegraph.passes.gates.leap import LeapGates
+# the built-in families (each registers itself on import)
+from prunegraph.passes.gates.ddp import DDPGates, DDPOptions  # noqa: E402
+from prunegraph.passes.gates.hard_concrete import (  # noqa: E402
+    HardConcreteGates,
+    HardConcreteOptions,
+)
+from prunegraph.passes.gates.insert import Gate  # noqa: E402
+from prunegraph.passes.gates.leap import LeapGates, LeapOptions  # noqa: E402
+from prunegraph.passes.gates.options import FamilyOptions
+from prunegraph.passes.gates.registry import (
+    describe_families,
+    family_class,
+    make_family,
+    register_family,
+    registered_families,
+)
+from prunegraph.passes.gates.units import LagrangianOptions, UnitGates
 
-__all__ = ["FAMILIES", "GateFamily", "DDPGates", "HardConcreteGates", "LeapGates", "make_family",
-           "check_family", "BUDGETS", "SCOPES", "DEFAULT_KINDS", "check_fraction"]
-
-#: Unit families (GateFamily subclasses) and weight families (``site = "weights"``: LEAP).
-FAMILIES: dict[str, type] = {"ddp": DDPGates, "hard_concrete": HardConcreteGates,
-                             "leap": LeapGates}
-
-
-def check_family(name: str) -> type[GateFamily]:
-    """The family class for ``name``, or a SpecError naming the known ones."""
-    if name not in FAMILIES:
-        from prunegraph.pipeline.contract import nearest
-
-        raise SpecError(f"unknown gate family '{name}'; choose one of "
-                        f"{', '.join(sorted(FAMILIES))}.{nearest(name, FAMILIES)}")
-    return FAMILIES[name]
-
-
-def make_family(name: str, groups: Sequence[Group], sparsity: float, model: Any = None,
-                **options: Any) -> GateFamily:
-    """Build the gate family ``name`` over ``groups`` for ``sparsity`` (see :class:`GateFamily`)."""
-    return check_family(name)(groups, sparsity, model, **options)
-
-
-from prunegraph.passes.gates.insert import Gate  # noqa: E402  (the pass uses the registry above)
-
-__all__ += ["Gate"]
+__all__ = ["GateFamily", "UnitGates", "FamilyOptions", "LagrangianOptions", "DDPGates",
+           "DDPOptions", "HardConcreteGates", "HardConcreteOptions", "LeapGates", "LeapOptions",
+           "Gate", "register_family",
+           "family_class", "registered_families", "make_family", "describe_families", "SITES",
+           "BUDGETS", "CONSTRAINT_SCOPES", "DEFAULT_KINDS", "check_fraction"]

@@ -1,59 +1,63 @@
-"""The gate-family interface and the budget machinery every trained family shares.
+"""The gate-family interface: what ``Gate``, ``Train`` and ``Finalize`` call, and nothing more.
 
-A *gate family* owns one learnable tensor per gated group (shape ``gate_shape(group)``:
-``[size]``, or ``[experts, size]`` for per-expert channels) and knows three functions of it:
+A *gate family* is a method of learned masks (DDP, hard-concrete; LEAP next). It owns its
+learnable tensors and is asked three kinds of things:
 
-* ``forward_values(step, total)``: the per-unit multipliers the gated model runs with (installed
-  through :func:`prunegraph.plan.gating.apply_gates`, so gradients reach the family's tensors);
-* ``retention(step, total)``: a score ``s`` in ``[0, 1]`` per unit, used only by the budget
-  penalty (how "kept" a unit counts as);
-* ``final_values()``: deterministic values after training (0 = removed).
+* **installing** (the ``Gate`` pass): :meth:`GateFamily.install` puts its gates on the model and
+  returns the live handle (``.values``: name -> tensor the gated forward multiplies in;
+  ``.remove()``);
+* **training** (``Train``, through :class:`~prunegraph.passes.train.gate_objective.GateObjective`):
+  :meth:`~GateFamily.param_groups`, :meth:`~GateFamily.forward_values` (the multipliers of a
+  training forward, gradients reaching the family's tensors), :meth:`~GateFamily.penalty` (its
+  budget terms), :meth:`~GateFamily.post_step` (projections), :meth:`~GateFamily.final_values`
+  (deterministic values after training, 0 = removed), :meth:`~GateFamily.kept_fraction`,
+  :meth:`~GateFamily.target_sparsity`, :meth:`~GateFamily.config`, checkpoint state;
+* **finalizing** (``Finalize``, and Train's polish, which trains under the same choice):
+  :meth:`GateFamily.finalize` turns final values into the family's result. For families whose
+  gates sit on group units (``site = "unit"``) that is a :class:`~prunegraph.plan.plan.Plan` of
+  kept units; the family alone knows how its budget maps values to units, so nothing outside
+  reads its budget internals.
 
-The Train pass only ever calls the methods of :class:`GateFamily`, never a family's internals.
+**Where the gates sit** (``site``): ``"unit"`` families gate the units of the analysis groups
+(heads, channels, experts) at each group's gate site (:mod:`prunegraph.plan.gating`); their common
+base is :class:`~prunegraph.passes.gates.units.UnitGates` (augmented-Lagrangian budget).
+``"weight"`` families gate every weight of a parameter (LEAP: one logit per weight). Such a
+family subclasses :class:`GateFamily` directly and implements:
 
-**Budget.** The family is built with a ``sparsity`` (fraction to remove) and a ``budget``:
+* ``install``: a per-weight mask on each covered parameter (e.g. a parametrization), keyed by
+  parameter name in ``.values``;
+* ``forward_values``/``final_values``: per-weight tensors of the parameter's shape;
+* ``finalize``: its result is a per-weight mask, not kept units: an object with
+  ``gate_values()`` (the 0/1 mask the polish and the live gates use) and ``report`` (the
+  parameters removed), which ``Finalize`` stores as the state's plan.
 
-* ``params`` (default): the fraction of the *decoder's parameters* removed, comparable across
-  methods and with the one-shot Prune pass. Unit ``u`` of group ``g`` weighs ``w_g =
-  params_per_unit(g)``; the expected kept fraction of the gated pool is
-  ``s_hat = sum_g sum_u w_g s_gu / sum_g w_g n_g`` (``n_g`` units, experts included), and the
-  target keep ratio is ``rho = 1 - sparsity * P_decoder / P_pool`` so that removing
-  ``(1 - rho) * P_pool`` parameters removes ``sparsity * P_decoder`` (embeddings and pinned
-  groups cannot shrink, so the gated pool loses a larger fraction than the decoder).
-* ``units``: the DDP paper's definition, a fraction of the units of each group kind (heads:
-  ``floor(sparsity * H) / H`` per group, channels: ``sparsity``); one constraint per kind.
-
-``scope`` ``global`` puts one constraint over every gated unit (per kind for ``units``);
-``group`` averages the constraint over groups with shared multipliers (methods.md §1.4):
-``L_sp = mean_g [l1 (s_hat_g - rho_g) + l2 (s_hat_g - rho_g)^2]``.
-
-**Augmented Lagrangian** (keep-ratio form, methods.md §1.3), per constraint ``c``::
-
-    L_c = l1_c (s_hat_c - rho_c) + l2_c (s_hat_c - rho_c)^2 + l3_c mean(s (1 - s))
-
-The multipliers start at 0 and are *ascended* (AdamW ``maximize=True``): ``l1`` grows while the
-kept fraction is above target (sparsity under target) and pulls the gates down; ``l2`` and ``l3``
-only grow.
+Each family is one module: the class with ``@register_family``, its ``name``, ``site`` and
+typed options (:mod:`prunegraph.passes.gates.options`), added to the imports of
+``prunegraph/passes/gates/__init__.py`` (or registered from a plugin).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
-from prunegraph.errors import BudgetError, SpecError
-from prunegraph.plan.gating import gate_shape
+from prunegraph.errors import BudgetError
 from prunegraph.ir.groups import Group
+from prunegraph.passes.gates.options import FamilyOptions
 
-__all__ = ["GateFamily", "Constraint", "BUDGETS", "SCOPES", "DEFAULT_KINDS", "check_fraction"]
+__all__ = ["GateFamily", "FinalChoice", "GateHandle", "SITES", "BUDGETS", "CONSTRAINT_SCOPES",
+           "DEFAULT_KINDS", "check_fraction"]
 
+#: Where a family's gates sit: on group units, or on every weight of a parameter.
+SITES = ("unit", "weight")
+#: What ``sparsity`` is a fraction of: decoder parameters, or units of each kind (DDP's paper).
 BUDGETS = ("params", "units")
-SCOPES = ("global", "group")
-DUAL_SCHEDULES = ("constant", "cosine")
+#: Over what one budget constraint is enforced: every gated unit at once, or each group.
+CONSTRAINT_SCOPES = ("global", "group")
 #: Group kinds gated by default (whole experts and the pinned hidden size are left alone,
 #: as in DDP, which masks heads, MLP channels and routed-expert channels).
 DEFAULT_KINDS = ("heads", "channels", "expert_channels", "shared_expert_channels")
@@ -71,204 +75,139 @@ def check_fraction(value: Any, what: str = "sparsity") -> float:
     return v
 
 
-class Constraint:
-    """One budget constraint: the groups it covers, their unit weights and the target keep ratio
-    (per group, for ``scope='group'``)."""
+class GateHandle(Protocol):
+    """The gates installed on a model (:class:`prunegraph.plan.gating.GateSet` for units)."""
 
-    def __init__(self, name: str, groups: list[Group], weights: list[float],
-                 targets: list[float]) -> None:
-        self.name, self.groups, self.weights, self.targets = name, groups, weights, targets
+    values: dict[str, torch.Tensor]
 
-    def kept(self, s: dict[str, torch.Tensor], per_group: bool) -> list[tuple[torch.Tensor, float]]:
-        """``[(s_hat, rho)]``: one pair for the whole constraint, or one per group."""
-        if per_group:
-            return [(s[g.name].mean(), t) for g, t in zip(self.groups, self.targets)]
-        num = sum(w * s[g.name].sum() for g, w in zip(self.groups, self.weights))
-        den = sum(w * s[g.name].numel() for g, w in zip(self.groups, self.weights))
-        rho = sum(w * s[g.name].numel() * t for g, w, t in
-                  zip(self.groups, self.weights, self.targets)) / den
-        return [(num / den, rho)]
+    def remove(self) -> None: ...
+
+
+class FinalChoice(Protocol):
+    """What :meth:`GateFamily.finalize` returns (a :class:`~prunegraph.plan.plan.Plan` for unit
+    families)."""
+
+    report: dict[str, Any]
+
+    def gate_values(self) -> dict[str, torch.Tensor]: ...
 
 
 class GateFamily(nn.Module):
-    """Base of every trained gate family; see the module docstring.
-
-    Subclasses set ``name``, create their per-group tensors in :meth:`init_gates` and implement
-    :meth:`forward_values`, :meth:`retention` and :meth:`final_values`.
+    """Base of every gate family; see the module docstring.
 
     Args:
-        groups: the analysis groups; the prunable ones of ``kinds`` are gated.
+        groups: the analysis groups (a unit family gates the prunable ones of ``kinds``).
         sparsity: fraction to remove, in (0, 1).
-        model: the model (for the decoder parameter count of ``budget='params'``).
-        budget, scope: see the module docstring.
-        lr: learning rate of the gate tensors; ``lr_l1``/``lr_l2``/``lr_l3`` of the multipliers.
-            ``lr_l1`` defaults to 0.2, ten times the reference code's 2e-2: with ~1M training
-            tokens (the reference uses 33M) the paper's rate left SmolLM2 at 35.9 held-out
-            perplexity for 20% removed against 29.8 with 0.2 (docs/benchmarks.md).
-        dual_schedule: ``cosine`` anneals the multipliers' learning rate with the gates' (the
-            reference code); ``constant`` (default) keeps it after warm-up, so the multipliers
-            still adapt when the budget is reached late (with few tokens the cosine tail froze
-            them before the gates got there: 13% removed against a 20% target after 500 steps).
-        seed: seeds the initialisation (and any sampling noise).
+        model: the model (for budgets counted in parameters).
+        options: the family's typed options (an instance of ``options_type``, a mapping of
+            them, or None for the defaults).
+        budget, scope, kinds: the ``Gate`` pass's budget settings (:data:`BUDGETS`,
+            :data:`CONSTRAINT_SCOPES`, group kinds); :meth:`check_settings` refuses the ones a
+            family does not support.
+        lr: learning rate of the gate tensors (``default_lr`` when None).
+        seed: seeds the initialisation and any sampling noise.
     """
 
-    name = "base"
+    #: The family's name in specs (``Gate: {family: NAME}``).
+    name: ClassVar[str] = ""
+    #: Where its gates sit (:data:`SITES`).
+    site: ClassVar[Literal["unit", "weight"]] = "unit"
+    #: Its typed options.
+    options_type: ClassVar[type[FamilyOptions]] = FamilyOptions
+    #: Learning rate of the gate tensors when ``Gate.lr`` is not given.
+    default_lr: ClassVar[float] = 2e-2
 
     def __init__(self, groups: Sequence[Group], sparsity: float, model: nn.Module | None = None,
-                 *, budget: str = "params", scope: str = "global",
-                 kinds: Iterable[str] = DEFAULT_KINDS, lr: float = 2e-2, lr_l1: float = 0.2,
-                 lr_l2: float = 0.4, lr_l3: float = 2e-2, dual_schedule: str = "constant",
+                 options: FamilyOptions | dict[str, Any] | None = None, *,
+                 budget: str = "params", scope: str = "global",
+                 kinds: Iterable[str] = DEFAULT_KINDS, lr: float | None = None,
                  seed: int = 0) -> None:
         super().__init__()
+        self.options = self.options_type.from_mapping(options)
         self.sparsity = check_fraction(sparsity)
-        if budget not in BUDGETS:
-            raise SpecError(f"unknown budget '{budget}'; choose one of {', '.join(BUDGETS)}")
-        if scope not in SCOPES:
-            raise SpecError(f"unknown budget scope '{scope}'; choose one of {', '.join(SCOPES)}")
-        self.budget, self.scope = budget, scope
-        if dual_schedule not in DUAL_SCHEDULES:
-            raise SpecError(f"unknown dual_schedule '{dual_schedule}'; choose one of "
-                            f"{', '.join(DUAL_SCHEDULES)}")
-        self.dual_schedule = dual_schedule
-        self.lrs = dict(gates=lr, l1=lr_l1, l2=lr_l2, l3=lr_l3)
         kinds = tuple(kinds)
-        self.groups = [g for g in groups if g.prunable and g.kind in kinds
-                       and g.gate_site and g.constraints.removal == "zero"]
-        if not self.groups:
-            raise BudgetError(f"no prunable group of kinds {list(kinds)} to gate; the model's "
-                              f"groups are {sorted({g.kind for g in groups})}")
-        self.shapes = {g.name: gate_shape(g) for g in self.groups}
-        self.constraints = self._constraints(model)
-        n = len(self.constraints)
-        self.l1 = nn.Parameter(torch.zeros(n))
-        self.l2 = nn.Parameter(torch.zeros(n))
-        self.l3 = nn.Parameter(torch.zeros(n))
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.gates = nn.ParameterDict()
-        self.init_gates()
+        self.check_settings(budget=budget, scope=scope, kinds=kinds)
+        self.budget, self.scope, self.kinds = budget, scope, kinds
+        self.lr = float(self.default_lr if lr is None else lr)
+        self.seed = int(seed)
 
-    # -- to implement --------------------------------------------------------------------
+    @classmethod
+    def check_settings(cls, *, budget: str, scope: str, kinds: tuple[str, ...]) -> None:
+        """Raise :class:`~prunegraph.errors.SpecError` for budget settings the family does not
+        support (called by ``Gate`` at construction, before any work)."""
 
-    def init_gates(self) -> None:  # pragma: no cover - abstract
+    # -- installing ------------------------------------------------------------------------
+
+    def install(self, model: nn.Module) -> GateHandle:  # pragma: no cover - abstract
+        """Put the gates on ``model`` at their evaluation values; the live handle."""
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]]:  # pragma: no cover - abstract
+        """AdamW groups of the family's tensors (see :class:`~prunegraph.passes.train.objective.
+        Objective`)."""
         raise NotImplementedError
 
     def forward_values(self, step: int, total: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """The multipliers of the forward at ``step`` of ``total`` (training or evaluation)."""
         raise NotImplementedError
 
-    def retention(self, step: int, total: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+    def penalty(self, step: int, total: int
+                ) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
+        """The budget terms at ``step`` and their stats (``expected_sparsity`` among them)."""
         raise NotImplementedError
 
-    def final_values(self) -> dict[str, torch.Tensor]:  # pragma: no cover
+    def final_values(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """Deterministic values after training (0 = removed)."""
+        raise NotImplementedError
+
+    def kept_fraction(self, values: dict[str, torch.Tensor]) -> float:  # pragma: no cover
+        """Budget-weighted fraction of ``values`` that is nonzero."""
+        raise NotImplementedError
+
+    def target_sparsity(self) -> float:  # pragma: no cover - abstract
+        """The fraction of the gated pool the budget removes, under its own weighting."""
         raise NotImplementedError
 
     def post_step(self) -> None:
-        """Projection after each optimizer step (DDP clamps z >= -0.1)."""
+        """Projection after each optimizer step."""
 
     def schedule(self, step: int, total: int) -> dict[str, float]:
-        """Annealed hyper-parameters at ``step`` (for logs)."""
+        """Annealed hyper-parameters at ``step`` (for the step records)."""
         return {}
 
-    # -- shared ----------------------------------------------------------------------------
+    def progress_keys(self) -> tuple[str, ...]:
+        """Keys of a step's record worth showing on the progress bar."""
+        return ()
 
-    def key(self, group_name: str) -> str:
-        """ParameterDict key of a group (dots are not allowed there)."""
-        return group_name.replace(".", "/")
-
-    def tensor(self, group_name: str) -> nn.Parameter:
-        return self.gates[self.key(group_name)]
-
-    def _constraints(self, model: nn.Module | None) -> list[Constraint]:
-        groups = self.groups
-        if self.budget == "params":
-            weights = [float(g.params_per_unit) for g in groups]
-            if any(w <= 0 for w in weights):
-                raise BudgetError("budget='params' needs params_per_unit on every gated group; "
-                                  "use budget='units' or re-run the analysis")
-            pool = sum(w * math.prod(self.shapes[g.name]) for g, w in zip(groups, weights))
-            total = pool
-            if model is not None:
-                from prunegraph.passes._param_space import param_space
-
-                total = param_space(model, "decoder").total
-            removed = self.sparsity * total
-            if removed >= pool:
-                raise BudgetError(
-                    f"sparsity {self.sparsity:g} asks to remove {removed:,.0f} decoder parameters "
-                    f"but the gated groups hold only {pool:,.0f}; the maximum is "
-                    f"{pool / total:.3f}. Lower the sparsity or gate more kinds")
-            rho = 1.0 - removed / pool
-            return [Constraint("params", groups, weights, [rho] * len(groups))]
-        out = []
-        for kind in sorted({g.kind for g in groups}):
-            members = [g for g in groups if g.kind == kind]
-            targets = [1.0 - (math.floor(self.sparsity * g.size) / g.size if kind == "heads"
-                              else self.sparsity) for g in members]
-            out.append(Constraint(kind, members, [1.0] * len(members), targets))
-        return out
-
-    def target_keep(self) -> float:
-        """Target keep ratio of the whole gated pool under the budget's weighting."""
-        num = den = 0.0
-        for c in self.constraints:
-            for g, w, t in zip(c.groups, c.weights, c.targets):
-                n = math.prod(self.shapes[g.name])
-                num += w * n * t
-                den += w * n
-        return num / den
-
-    def kept_fraction(self, values: dict[str, torch.Tensor]) -> float:
-        """Budget-weighted fraction of units with a nonzero value (hard, for reports)."""
-        num = den = 0.0
-        for c in self.constraints:
-            for g, w in zip(c.groups, c.weights):
-                v = values[g.name]
-                num += w * float((v != 0).sum())
-                den += w * v.numel()
-        return num / den
-
-    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Lagrangian budget terms at ``step`` and their stats (expected sparsity, multipliers)."""
-        s = self.retention(step, total)
-        loss = torch.zeros(())
-        stats: dict[str, float] = {}
-        exp_num = exp_den = 0.0
-        for i, c in enumerate(self.constraints):
-            pairs = c.kept(s, self.scope == "group")
-            gap = torch.stack([kept - rho for kept, rho in pairs])
-            term = self.l1[i] * gap.mean() + self.l2[i] * (gap ** 2).mean()
-            allv = torch.cat([s[g.name].reshape(-1) for g in c.groups])
-            term = term + self.l3[i] * (allv * (1 - allv)).mean()
-            loss = loss + term
-            for g, w in zip(c.groups, c.weights):
-                exp_num += w * float(s[g.name].detach().sum())
-                exp_den += w * s[g.name].numel()
-            stats[f"l1_{c.name}"] = float(self.l1[i].detach())
-            stats[f"l2_{c.name}"] = float(self.l2[i].detach())
-            stats[f"l3_{c.name}"] = float(self.l3[i].detach())
-        stats["expected_sparsity"] = 1.0 - exp_num / exp_den
-        stats["penalty"] = float(loss.detach())
-        return loss, stats
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Optimizer groups: gates descend; the multipliers ascend (``maximize=True``).
-        ``schedule`` tells the training loop how to anneal each group's learning rate."""
-        duals = [{"params": [getattr(self, k)], "lr": self.lrs[k], "weight_decay": 0.0,
-                  "maximize": True, "name": k, "schedule": self.dual_schedule}
-                 for k in ("l1", "l2", "l3")]
-        return [{"params": list(self.gates.values()), "lr": self.lrs["gates"],
-                 "weight_decay": 0.0, "name": "gates", "schedule": "cosine"}, *duals]
+    def config(self) -> dict[str, Any]:
+        """The settings a training checkpoint must have been made with to be resumed."""
+        return {"family": self.name, "sparsity": self.sparsity, "budget": self.budget,
+                "scope": self.scope, "kinds": list(self.kinds), "lr": self.lr,
+                "options": self.options.to_dict()}
 
     def extra_state(self) -> dict[str, Any]:
         """Non-parameter state a checkpoint needs (the sampling generator)."""
-        return {"generator": self.generator.get_state()}
+        return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        """Restore :meth:`extra_state`."""
+
+    def write_plots(self, folder: Path, history: list[dict[str, Any]],
+                    final: dict[str, torch.Tensor]) -> None:
+        """Plots of a training run into ``folder`` (none by default)."""
+
+    # -- finalizing ------------------------------------------------------------------------
+
+    def finalize(self, values: dict[str, torch.Tensor], *, mode: str = "topk",
+                 model: nn.Module | None = None, round_to: int = 1,
+                 fold_scales: bool = True) -> FinalChoice:  # pragma: no cover - abstract
+        """The family's result from final ``values`` (CPU float): ``mode`` ``topk`` (exactly
+        the budget) or ``threshold`` (every nonzero value kept); kept values folded as scales
+        when ``fold_scales``; unit counts multiples of ``round_to`` where the budget allows."""
+        raise NotImplementedError
 
     def achieved_sparsity(self) -> float:
         """Budget-weighted fraction removed if training stopped now (final value 0)."""
         return 1.0 - self.kept_fraction(self.final_values())
-
-    def target_sparsity(self) -> float:
-        """Target removed fraction of the gated pool under the budget's weighting."""
-        return 1.0 - self.target_keep()

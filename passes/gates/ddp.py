@@ -19,14 +19,16 @@ as a scale folded into the consumers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.passes.gates.base import GateFamily
+from prunegraph.passes.gates.registry import register_family
+from prunegraph.passes.gates.units import LagrangianOptions, UnitGates
 
-__all__ = ["DDPGates", "ste_relu", "ste_clamp", "mu_schedule", "retention_score"]
+__all__ = ["DDPGates", "DDPOptions", "ste_relu", "ste_clamp", "mu_schedule", "retention_score"]
 
 C0 = 2.4
 STRETCH = (-0.1, 1.1)
@@ -56,27 +58,40 @@ def retention_score(z: torch.Tensor, mu: float) -> torch.Tensor:
     return ste_clamp(v * (r - l) + l, 0.0, 1.0)
 
 
-class DDPGates(GateFamily):
-    """DDP gate family; see the module docstring. Extra args: ``mu0``, ``mu_T``, ``init_std``."""
+@dataclass(frozen=True)
+class DDPOptions(LagrangianOptions):
+    """DDP's options: the annealing ``mu0 -> mu_T`` of the retention score and the spread of the
+    initial latents (``init_std=0``: every gate starts at exactly 1)."""
+
+    mu0: float = 0.5
+    mu_T: float = 0.1
+    init_std: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.mu_T <= self.mu0:
+            raise SpecError(f"DDP needs 0 < mu_T <= mu0, got mu0={self.mu0}, mu_T={self.mu_T}")
+        if self.init_std < 0:
+            raise SpecError(f"init_std must be >= 0, got {self.init_std}")
+
+
+@register_family
+class DDPGates(UnitGates):
+    """Deterministic Differentiable Pruning: ReLU gates with a straight-through gradient, an
+    annealed retention score for the budget, ``z`` clamped at -0.1 after each step."""
 
     name = "ddp"
-
-    def __init__(self, *args, mu0: float = 0.5, mu_T: float = 0.1, init_std: float = 0.01,
-                 **kwargs) -> None:
-        if not 0.0 < mu_T <= mu0:
-            raise SpecError(f"DDP needs 0 < mu_T <= mu0, got mu0={mu0}, mu_T={mu_T}")
-        if init_std < 0:
-            raise SpecError(f"init_std must be >= 0, got {init_std}")
-        self.mu0, self.mu_T, self.init_std = float(mu0), float(mu_T), float(init_std)
-        super().__init__(*args, **kwargs)
+    options_type = DDPOptions
+    default_lr = 2e-2
 
     def init_gates(self) -> None:
+        std = self.options.init_std
         for g in self.groups:
-            z = 1.0 + self.init_std * torch.randn(self.shapes[g.name], generator=self.generator)
+            z = 1.0 + std * torch.randn(self.shapes[g.name], generator=self.generator)
             self.gates[self.key(g.name)] = nn.Parameter(z)
 
     def mu(self, step: int, total: int) -> float:
-        return mu_schedule(step, total, self.mu0, self.mu_T)
+        return mu_schedule(step, total, self.options.mu0, self.options.mu_T)
 
     def schedule(self, step: int, total: int) -> dict[str, float]:
         return {"mu": self.mu(step, total)}

@@ -20,14 +20,17 @@ checkpoints, so training is deterministic and resumable.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.passes.gates.base import GateFamily
+from prunegraph.passes.gates.registry import register_family
+from prunegraph.passes.gates.units import LagrangianOptions, UnitGates
 
-__all__ = ["HardConcreteGates", "deterministic_gate", "nonzero_probability"]
+__all__ = ["HardConcreteGates", "HardConcreteOptions", "deterministic_gate",
+           "nonzero_probability"]
 
 LIMITS = (-0.1, 1.1)
 EPS = 1e-6
@@ -43,26 +46,38 @@ def nonzero_probability(log_alpha: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.sigmoid(log_alpha - beta * math.log(-l / r))
 
 
-class HardConcreteGates(GateFamily):
-    """Hard-concrete gate family; extra args ``temperature`` (beta) and ``init_keep``.
+@dataclass(frozen=True)
+class HardConcreteOptions(LagrangianOptions):
+    """Hard-concrete's options: the temperature ``beta`` of the relaxed sample and the initial
+    keep probability (0.95: every evaluation gate starts at exactly 1)."""
 
-    The gates are sampled while ``self.training`` (the Train pass sets it), deterministic otherwise.
-    """
+    temperature: float = 2.0 / 3.0
+    init_keep: float = 0.95
+
+    def validate(self) -> None:
+        super().validate()
+        if self.temperature <= 0:
+            raise SpecError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.init_keep < 1.0:
+            raise SpecError(f"init_keep must be in (0, 1), got {self.init_keep}")
+
+
+@register_family
+class HardConcreteGates(UnitGates):
+    """Hard-concrete L0 gates (the CoFi / Sheared-LLaMA baseline): sampled while
+    ``self.training`` (the Train pass sets it), deterministic otherwise."""
 
     name = "hard_concrete"
+    options_type = HardConcreteOptions
+    default_lr = 0.1
 
-    def __init__(self, *args, temperature: float = 2.0 / 3.0, init_keep: float = 0.95,
-                 **kwargs) -> None:
-        if temperature <= 0:
-            raise SpecError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 < init_keep < 1.0:
-            raise SpecError(f"init_keep must be in (0, 1), got {init_keep}")
-        self.beta, self.init_keep = float(temperature), float(init_keep)
-        kwargs.setdefault("lr", 0.1)
-        super().__init__(*args, **kwargs)
+    @property
+    def beta(self) -> float:
+        return self.options.temperature
 
     def init_gates(self) -> None:
-        a = math.log(self.init_keep / (1.0 - self.init_keep))
+        keep = self.options.init_keep
+        a = math.log(keep / (1.0 - keep))
         for g in self.groups:
             self.gates[self.key(g.name)] = nn.Parameter(torch.full(self.shapes[g.name], a))
 

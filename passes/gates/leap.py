@@ -34,20 +34,25 @@ keeps the 2 largest logits of every 4.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import types
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from prunegraph.errors import BudgetError, SpecError
+from prunegraph.passes.gates.base import GateFamily
+from prunegraph.passes.gates.options import FamilyOptions
+from prunegraph.passes.gates.registry import register_family
 from prunegraph.plan.masks import MaskSet, layer_index, masks_from, parse_pattern
 
-__all__ = ["LeapGates", "LeapMasks", "leap_schedule", "soft_mask", "MaskSpec", "nm_shift",
-           "mix_seed"]
+__all__ = ["LeapGates", "LeapOptions", "LeapMasks", "leap_schedule", "soft_mask", "MaskSpec",
+           "nm_shift", "mix_seed"]
 
 _LOGIT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -176,6 +181,8 @@ class LeapMasks:
         self.base_seed = 0
         self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.shifts: dict[str, float] = {}
+        #: The live logits each forward builds its masks from (the handle's ``values``).
+        self.values = {name: family.logit(name) for name in modules}
         self._layers: list[nn.Module] = []
         for idx, (name, (mod, dim)) in enumerate(modules.items()):
             mod.forward = types.MethodType(self._forward_for(name, idx, dim), mod)
@@ -199,6 +206,16 @@ class LeapMasks:
             return y
 
         return forward
+
+    @contextlib.contextmanager
+    def at_one(self) -> Iterator[None]:
+        """Every mask at 1 inside the block: the plain linears (the teacher, the
+        ``gates-at-one`` check)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
 
     def set(self, spec: MaskSpec, base_seed: int) -> None:
         """The mask spec and noise seed base of the next forward; clears the records."""
@@ -231,101 +248,128 @@ def _checkpointed(forward):
     return run
 
 
-class LeapGates(nn.Module):
-    """The LEAP gate family: per-weight logits over :func:`~prunegraph.passes.sparse_prune.
-    prunable_weights` (see the module docstring for the maths).
+@dataclass(frozen=True)
+class LeapOptions(FamilyOptions):
+    """LEAP's options (``Gate: {family: leap, options: {...}}``).
 
-    Args (Gate's ``options``): ``pattern`` (``unstructured`` or ``2:4``); ``alpha``/``tau`` the
-    ``(start, end)`` of the anneal; ``lambda1`` (density term, 7), ``lambda2`` (magnitude term,
-    10, decayed to 0); ``prior_strength`` (3), ``init_std`` (0.014); ``logits_dtype``
-    (``bfloat16``); ``init`` (``wanda`` or ``magnitude``) with ``calib_blocks``, ``block_len``,
-    ``source``; ``block_targets`` (``{layer: sparsity}`` for ``scope="group"``);
-    ``checkpointing``; ``skip`` (regexes of weights left dense); ``betas`` of AdamW (0.9, 0.95).
-    ``scope`` ``global`` is one density over every masked weight (LEAP's default), ``group`` one
-    per decoder block.
+    ``pattern``: ``unstructured`` or ``N:M`` (quote ``'2:4'`` in YAML); ``alpha``/``tau``: the
+    ``(start, end)`` of the anneal; ``lambda1`` (density term), ``lambda2`` (magnitude term,
+    decayed to 0); ``prior_strength`` and ``init_std`` of the initial logits; ``logits_dtype``;
+    ``init`` (the one-shot mask the logits start from) with ``calib_blocks`` x ``block_len``
+    calibration tokens of ``source``; ``block_targets`` (``{layer: sparsity}`` with ``scope:
+    group``); ``checkpointing`` (recompute each decoder layer in the backward); ``skip`` (regexes of
+    weights left dense); ``betas`` of AdamW (the reference's 0.95).
+    """
+
+    pattern: str | int = "unstructured"  # int only to explain an unquoted YAML 2:4 (= 124)
+    alpha: tuple[float, float] = (25.0, 350.0)
+    tau: tuple[float, float] = (4.0, 0.05)
+    lambda1: float = 7.0
+    lambda2: float = 10.0
+    prior_strength: float = 3.0
+    init_std: float = 0.014
+    logits_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    init: Literal["wanda", "magnitude"] = "wanda"
+    calib_blocks: int = 128
+    block_len: int = 128
+    source: str = "wikipedia"
+    block_targets: dict[str, float] = field(default_factory=dict)
+    checkpointing: bool = False
+    skip: tuple[str, ...] = ()
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    def validate(self) -> None:
+        where = self._where()
+        parse_pattern(self.pattern)
+        for key in ("alpha", "tau"):
+            if min(getattr(self, key)) <= 0:
+                raise SpecError(f"{where}: {key} must be two positive numbers (start, end), "
+                                f"got {getattr(self, key)}")
+        if min(self.lambda1, self.lambda2, self.prior_strength) < 0 or self.init_std <= 0:
+            raise SpecError(f"{where}: lambda1, lambda2 and prior_strength must be >= 0 and "
+                            f"init_std > 0")
+        if self.calib_blocks < 1 or self.block_len < 2:
+            raise SpecError(f"{where}: calib_blocks must be >= 1 and block_len >= 2")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise SpecError(f"{where}: betas must lie in [0, 1), got {self.betas}")
+        for s in self.skip:
+            try:
+                re.compile(s)
+            except re.error as e:
+                raise SpecError(f"{where}: skip pattern {s!r} is not a regex ({e})") from None
+        for key, value in self.block_targets.items():
+            if not str(key).isdigit() or not 0.0 <= value < 1.0:
+                raise SpecError(f"{where}: block_targets maps decoder layer indices to a "
+                                f"sparsity in [0, 1); got {key!r}: {value}")
+
+
+@register_family
+class LeapGates(GateFamily):
+    """LEAP: a learned Bernoulli logit per weight of every decoder linear, Gumbel-sigmoid
+    relaxed and annealed, under a global density budget (methods.md §2).
+
+    The masked weights are :func:`~prunegraph.passes.sparse_prune.prunable_weights`; ``sparsity``
+    is the fraction of them removed (``pattern: '2:4'`` needs 0.5). ``scope`` ``global`` is one
+    density over every masked weight (LEAP's default), ``group`` one per decoder block. The
+    family trains through its own objective (:meth:`objective`; the loop is ``Train``'s) and
+    finalizes to a :class:`~prunegraph.plan.masks.MaskSet`.
     """
 
     name = "leap"
-    #: Where the gates sit: on weights (this family) rather than on units (DDP, hard-concrete).
-    site = "weights"
+    site = "weight"
+    options_type = LeapOptions
+    default_lr = 1e-3
 
-    def __init__(self, model: nn.Module, sparsity: float | None, *, scope: str = "global",
-                 seed: int = 0, lr: float = 1e-3, pattern: str = "unstructured",
-                 alpha: tuple[float, float] = (25.0, 350.0), tau: tuple[float, float] = (4.0, 0.05),
-                 lambda1: float = 7.0, lambda2: float = 10.0, prior_strength: float = 3.0,
-                 init_std: float = 0.014, logits_dtype: str = "bfloat16", init: str = "wanda",
-                 calib_blocks: int = 128, block_len: int = 128, source: str = "wikipedia",
-                 block_targets: dict[str, float] | None = None, checkpointing: bool = False,
-                 skip: tuple[str, ...] = (), betas: tuple[float, float] = (0.9, 0.95)) -> None:
-        super().__init__()
-        from prunegraph.passes.sparse_prune import prunable_weights
+    @classmethod
+    def check_settings(cls, *, budget: str, scope: str, kinds: tuple[str, ...]) -> None:
+        if budget != "params":
+            raise SpecError("Gate(family: leap) masks weights; its sparsity is a fraction of the "
+                            "masked weights (leave budget: params)")
+        if scope not in ("global", "group"):
+            raise SpecError(f"Gate(family: leap): scope must be global or group, got {scope!r}")
 
-        self.sparsity = self._validate(sparsity, scope, pattern, alpha, tau, lambda1, lambda2,
-                                       prior_strength, init_std, lr, logits_dtype, init, skip)
-        self.nm = parse_pattern(pattern)
-        self.pattern = pattern
-        self.scope, self.seed, self.lr = scope, int(seed), float(lr)
-        self.alpha, self.tau = tuple(map(float, alpha)), tuple(map(float, tau))
-        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
-        self.prior_strength, self.init_std = float(prior_strength), float(init_std)
-        self.logits_dtype, self.init = _LOGIT_DTYPES[logits_dtype], init
-        self.calib = dict(calib_blocks=int(calib_blocks), block_len=int(block_len), source=source)
-        self.checkpointing, self.betas = bool(checkpointing), tuple(map(float, betas))
-        self.linears = prunable_weights(model, skip)
+    @classmethod
+    def check_sparsity(cls, sparsity: float, options: LeapOptions) -> None:
+        """An N:M pattern fixes the sparsity (2:4: 0.5); checked when ``Gate`` is built."""
+        from prunegraph.passes.sparse_prune import resolve_sparsity
+
+        resolve_sparsity(sparsity, options.pattern, "Gate(family: leap)")
+
+    def __init__(self, groups, sparsity: float, model: nn.Module | None = None,
+                 options: LeapOptions | dict[str, Any] | None = None, **settings: Any) -> None:
+        from prunegraph.passes.sparse_prune import prunable_weights, resolve_sparsity
+
+        super().__init__(groups, sparsity, model, options, **settings)
+        o = self.options
+        if model is None:
+            raise SpecError("Gate(family: leap) needs the model: its gates sit on the weights")
+        self.sparsity = resolve_sparsity(sparsity, o.pattern, "Gate(family: leap)")
+        if o.block_targets and (self.scope != "group" or parse_pattern(o.pattern) is not None):
+            raise SpecError("Gate(family: leap): block_targets need scope: group and an "
+                            "unstructured pattern")
+        self.nm = parse_pattern(o.pattern)
+        self.pattern = o.pattern
+        self.alpha, self.tau = tuple(map(float, o.alpha)), tuple(map(float, o.tau))
+        self.lambda1, self.lambda2 = float(o.lambda1), float(o.lambda2)
+        self.prior_strength, self.init_std = float(o.prior_strength), float(o.init_std)
+        self.logits_dtype, self.init = _LOGIT_DTYPES[o.logits_dtype], o.init
+        self.calib = dict(calib_blocks=o.calib_blocks, block_len=o.block_len, source=o.source)
+        self.checkpointing, self.betas = bool(o.checkpointing), tuple(map(float, o.betas))
+        self.linears = prunable_weights(model, o.skip)
         if not self.linears:
             raise BudgetError("Gate(family: leap): the model has no decoder linear to mask")
         if self.nm is not None:
             bad = [n for n, (m, d) in self.linears.items() if m.weight.shape[d] % self.nm[1]]
             if bad:
-                raise SpecError(f"Gate(family: leap): {pattern} needs every input dim to be a "
+                raise SpecError(f"Gate(family: leap): {o.pattern} needs every input dim to be a "
                                 f"multiple of {self.nm[1]}; {bad[0]} is not (skip it)")
         self.blocks = {n: layer_index(n) for n in self.linears}
-        self.block_targets = self._block_targets(block_targets or {})
+        self.block_targets = self._block_targets(dict(o.block_targets))
         self.numel = {n: m.weight.numel() for n, (m, _) in self.linears.items()}
         self.weight_norm = {n: float(m.weight.detach().float().norm())
                             for n, (m, _) in self.linears.items()}
         self.logits = nn.ParameterDict()
-
-    @staticmethod
-    def _validate(sparsity, scope, pattern, alpha, tau, lambda1, lambda2, prior_strength,
-                  init_std, lr, logits_dtype, init, skip) -> float:
-        """Check the settings (no model needed); returns the sparsity the pattern gives."""
-        from prunegraph.passes.sparse_prune import resolve_sparsity
-
-        where = "Gate(family: leap)"
-        sparsity = resolve_sparsity(sparsity, pattern, where)
-        if scope not in ("global", "group"):
-            raise SpecError(f"{where}: scope must be global or group, got {scope!r}")
-        if logits_dtype not in _LOGIT_DTYPES:
-            raise SpecError(f"{where}: logits_dtype must be one of {', '.join(_LOGIT_DTYPES)}, "
-                            f"got {logits_dtype!r}")
-        if init not in ("wanda", "magnitude"):
-            raise SpecError(f"{where}: init must be wanda or magnitude, got {init!r}")
-        for key, pair in (("alpha", alpha), ("tau", tau)):
-            if len(pair) != 2 or min(pair) <= 0:
-                raise SpecError(f"{where}: {key} must be two positive numbers (start, end), "
-                                f"got {pair}")
-        if min(lambda1, lambda2, prior_strength) < 0 or init_std <= 0 or lr <= 0:
-            raise SpecError(f"{where}: lambda1, lambda2 and prior_strength must be >= 0, "
-                            f"init_std and lr > 0")
-        for s in skip:
-            try:
-                re.compile(s)
-            except re.error as e:
-                raise SpecError(f"{where}: skip pattern {s!r} is not a regex ({e})") from None
-        return sparsity
-
-    @classmethod
-    def check_options(cls, sparsity: float, scope: str, options: dict[str, Any]) -> None:
-        """Gate's construction-time check of ``options`` (defaults filled in)."""
-        import inspect
-
-        params = inspect.signature(cls.__init__).parameters
-        v = {k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
-        v.update(options)
-        cls._validate(sparsity, scope, v["pattern"], v["alpha"], v["tau"], v["lambda1"],
-                      v["lambda2"], v["prior_strength"], v["init_std"], v["lr"],
-                      v["logits_dtype"], v["init"], v["skip"])
+        self._handle: LeapMasks | None = None
 
     def _block_targets(self, given: dict[str, float]) -> dict[int | None, float]:
         blocks = sorted({b for b in self.blocks.values() if b is not None})
@@ -361,10 +405,10 @@ class LeapGates(nn.Module):
             if tokenizer is None:
                 raise SpecError("Gate(family: leap): init: wanda needs a tokenizer for "
                                 "calibration text; load a model with one or use init: magnitude")
-            from prunegraph.passes.prune import calibration_blocks
+            from prunegraph.data.blocks import text_blocks
 
-            blocks = calibration_blocks(tokenizer, self.calib["source"], self.calib["block_len"],
-                                        self.calib["calib_blocks"])
+            blocks = text_blocks(tokenizer, self.calib["source"], "calibration",
+                                 self.calib["block_len"], self.calib["calib_blocks"])
         masks, forwards = oneshot_masks(model, self.init, self.sparsity, self.pattern, blocks,
                                         skip=(), progress=progress, apply=False,
                                         names=self.linears)
@@ -385,7 +429,8 @@ class LeapGates(nn.Module):
         if len(self.logits) != len(self.linears):
             raise SpecError("LeapGates.install before initialise(): the logits do not exist yet")
         _, layers = decoder_layers(model)
-        return LeapMasks(self, self.linears, layers, self.checkpointing)
+        self._handle = LeapMasks(self, self.linears, layers, self.checkpointing)
+        return self._handle
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.logits.values()), "lr": self.lr, "weight_decay": 0.0,
@@ -504,8 +549,50 @@ class LeapGates(nn.Module):
         return masks_from(keep, self.linears, pattern=self.pattern, method="leap",
                           target_sparsity=self.target_sparsity())
 
-    def objective(self, gates: LeapMasks, polish_steps: int = 0, model=None):
-        """This family as a Train objective."""
+    # -- the GateFamily interface ----------------------------------------------------------
+
+    def forward_values(self, step: int, total: int) -> dict[str, torch.Tensor]:
+        """Every weight's soft mask at ``step`` without noise (for inspection: training builds
+        each layer's mask inside its forward instead, :class:`_LeapLinear`)."""
+        a, t = leap_schedule(step, total, self.alpha, self.tau)
+        return {n: soft_mask(self.logit(n), MaskSpec(a, t, None, self.nm), d)
+                for n, (_, d) in self.linears.items()}
+
+    def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The budget terms of the masks the installed forward just used."""
+        if self._handle is None:
+            raise SpecError("LeapGates.penalty before install(): no forward to read")
+        return self.penalty_terms(self._handle.records, step, total)
+
+    def final_values(self) -> dict[str, torch.Tensor]:
+        """The logits (what Finalize ranks)."""
+        return {n: self.logit(n).detach() for n in self.linears}
+
+    def kept_fraction(self, values: dict[str, torch.Tensor]) -> float:
+        """Fraction of weights with a positive value (the reference rule on logits)."""
+        kept = sum(int((values[n] > 0).sum()) for n in self.linears)
+        return kept / sum(self.numel.values())
+
+    def progress_keys(self) -> tuple[str, ...]:
+        return ("expected_sparsity", "threshold_sparsity")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "weights": len(self.linears)}
+
+    def finalize(self, values: dict[str, torch.Tensor] | None = None, *, mode: str = "topk",
+                 **_: Any) -> MaskSet:
+        """The hard masks (:meth:`final_masks`): a MaskSet, whose ``gate_values()`` and
+        ``report`` are what Train's polish and Finalize read of a family's result."""
+        return self.final_masks(mode)
+
+    def write_plots(self, folder, history, final) -> None:
+        from prunegraph.passes.gates.leap_objective import write_leap_plots
+
+        write_leap_plots(folder, history, self)
+
+    def objective(self, gates: LeapMasks, kd_weight: float = 0.0, polish_steps: int = 0,
+                  model=None):
+        """This family as a Train objective (:mod:`prunegraph.passes.gates.leap_objective`)."""
         from prunegraph.passes.gates.leap_objective import LeapObjective
 
-        return LeapObjective(self, gates, polish_steps=polish_steps)
+        return LeapObjective(self, gates, kd_weight=kd_weight, polish_steps=polish_steps)

@@ -1,4 +1,9 @@
-"""LEAP as a Train objective (:class:`~prunegraph.passes.train.Objective`).
+"""LEAP as a Train objective (:class:`~prunegraph.passes.train.objective.Objective`).
+
+``Train`` uses it in place of the generic
+:class:`~prunegraph.passes.train.gate_objective.GateObjective`, which sets every gate's value
+before each forward: LEAP's masks are never held for the whole model, each layer builds its own
+inside its forward.
 
 Per micro-batch ``before_forward`` sets the annealed ``(alpha, tau)`` and the noise seed (a
 function of the family's seed, the step and the micro-batch, so a resumed run draws the same
@@ -19,8 +24,6 @@ the ``P > 0`` sparsity against the target) and ``schedule.png`` (``alpha``, ``ta
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +39,26 @@ class LeapObjective:
 
     shown = ("expected_sparsity", "threshold_sparsity")
 
-    def __init__(self, family: LeapGates, gates: LeapMasks, polish_steps: int = 0) -> None:
+    def __init__(self, family: LeapGates, gates: LeapMasks, kd_weight: float = 0.0,
+                 polish_steps: int = 0) -> None:
         self.family, self.gates, self.polish_steps = family, gates, polish_steps
+        self.kd_weight = float(kd_weight)
         self.name = family.name
         self._step, self._micro = -1, 0
 
     def config(self) -> dict[str, Any]:
-        f = self.family
-        return {"family": f.name, "sparsity": f.sparsity, "pattern": f.pattern,
-                "scope": f.scope, "alpha": list(f.alpha), "tau": list(f.tau),
-                "lambda1": f.lambda1, "lambda2": f.lambda2, "seed": f.seed,
-                "logits_dtype": str(f.logits_dtype), "weights": len(f.linears)}
+        return {**self.family.config(), "polish_steps": self.polish_steps}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.family.param_groups()
 
-    @contextmanager
-    def teacher(self) -> Iterator[None]:
+    def schedule_restart(self, total: int) -> int | None:
+        """The polish starts a second cosine."""
+        return total - self.polish_steps if self.polish_steps else None
+
+    def teacher(self):
         """Every mask at 1: the dense model."""
-        self.gates.enabled = False
-        try:
-            yield
-        finally:
-            self.gates.enabled = True
+        return self.gates.at_one()
 
     def _search(self, step: int, total: int) -> tuple[int, int, bool]:
         search = total - self.polish_steps

@@ -33,10 +33,16 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PrunegraphError, SpecError
-from prunegraph.plan.gating import owner_of
 from prunegraph.ir.groups import Group, Member
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.passes.prunepath.router import ROUTER_ATTR
+from prunegraph.pipeline.contract import (
+    Pass,
+    PassResult,
+    State,
+    declare_key,
+    register_pass,
+)
+from prunegraph.plan.gating import owner_of
 
 __all__ = ["MoEfy", "balanced_kmeans", "expert_sizes", "permute_group", "feature_member",
            "channel_features", "moefy"]
@@ -204,6 +210,9 @@ def moefy(model: nn.Module, groups: list[Group], group_size: int = 32, *, ragged
                        "weights": _weight_roles(g), "permutation": perm.tolist()})
     return layout
 
+
+declare_key("moe_layout", "builtins.list",
+            "per MoEfied MLP: its group, module paths, expert sizes and permutation")
 
 @register_pass
 @dataclass(frozen=True)

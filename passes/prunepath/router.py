@@ -311,4 +311,5 @@ def _rebuild(model: nn.Module, described: dict[str, Any]) -> None:
 
 
 register_extension(CheckpointExtension(name="prunepath", describe=spec,
-                                       extra_params=router_param_names, rebuild=_rebuild))
+                                       extra_params=router_param_names, rebuild=_rebuild,
+                                       state_key="router"))

@@ -4,12 +4,12 @@ and a τ sweep from one checkpoint (methods.md §3).
 ``PrunePath`` installs a zero-initialised router per MLP of ``moe_layout``
 (:mod:`prunegraph.passes.prunepath.router`) and trains in two stages, as in the reference code (§3.4):
 
-1. ``warmup_steps`` at ``warmup_tau`` (> 1: every expert on, gates ``sigmoid(r_e)``), so the
-   FFN weights absorb the initial 0.5 gate scale and the router starts to learn;
-2. ``steps`` at ``train_tau`` (sparse routing); with ``train_tau_max`` each sparse step draws its
-   τ uniformly from ``[train_tau, train_tau_max]`` instead (seeded by step, so resumable). That
-   is not in the reference code: training at one τ fits the weights to that sparsity, and the
-   checkpoint is meant to serve every τ set after loading.
+1. the first ``warmup_steps`` at ``warmup_tau`` (> 1: every expert on, gates ``sigmoid(r_e)``),
+   so the FFN weights absorb the initial 0.5 gate scale and the router starts to learn;
+2. the rest of ``train.steps`` at ``train_tau`` (sparse routing); with ``train_tau_max`` each
+   sparse step draws its τ uniformly from ``[train_tau, train_tau_max]`` instead (seeded by step
+   and ``train.seed``, so resumable). That is not in the reference code: training at one τ fits
+   the weights to that sparsity, and the checkpoint is meant to serve every τ set after loading.
 
 The loss is next-token cross-entropy on the calibration split plus ``entropy`` × the mean
 router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and
@@ -17,16 +17,27 @@ model weights (all of them, the FFNs included) are trained with AdamW in two par
 ``router_lr`` / ``router_decay`` (1e-3 / 1e-2) and ``lr`` / 0 (1e-4), the released values.
 ``train_scope: router`` freezes the model weights (only the routers learn).
 
-Both stages are one run of the generic training loop (:meth:`prunegraph.passes.train.loop.Train.fit`)
-with :class:`PrunePathObjective`, which switches τ at step ``warmup_steps``. So PrunePath gets
-that loop's seeded calibration stream, ``grad_accum``, learning-rate schedule (``lr_warmup``
-linear steps, then ``lr_schedule``: a cosine to 0 over both stages, or ``constant``), bf16
-autocast on CUDA, ``<run>/prunepath/metrics.jsonl`` and exact resume from
-``<run>/prunepath/checkpoint.pt`` (or ``checkpoint_dir``; ``checkpoint_every``, ``resume``,
+Both stages are one run of the generic training loop (:func:`prunegraph.passes.train.loop.fit`)
+with :class:`PrunePathObjective`, which switches τ at step ``warmup_steps``. The loop's settings
+are nested under ``train`` (a :class:`~prunegraph.passes.train.config.TrainConfig`; a mapping
+there is merged onto PrunePath's defaults: ``steps: 100``, no learning-rate ``warmup``, no
+plots, ``keep_checkpoint: false``)::
+
+    - PrunePath: {warmup_steps: 50, train_tau: 0.5, train: {steps: 100, batch_size: 4}}
+
+So PrunePath gets that loop's seeded calibration stream, ``grad_accum``, learning-rate schedule
+(``train.warmup`` linear steps, then ``train.lr_schedule``: a cosine to 0 over both stages, or
+``constant``), bf16 autocast on CUDA, ``<run>/prunepath/metrics.jsonl`` and exact resume from
+``<run>/prunepath/checkpoint.pt`` (``train.checkpoint_dir``, ``checkpoint_every``, ``resume``,
 ``halt_after`` as in Train). The checkpoint holds every trained tensor (routers and, with
 ``train_scope: all``, the model weights) and their AdamW moments: about three times the model's
-size, so it is deleted once training completes unless ``keep_checkpoint: true``. There is no distillation: the model being fine-tuned is no fixed teacher, and the
-reference code has none. With ``steps = warmup_steps = 0`` the pass only installs the routers.
+size, so it is deleted once training completes unless ``train.keep_checkpoint: true``. There is
+no distillation: the model being fine-tuned is no fixed teacher, and the reference code has
+none. With ``train.steps = 0`` the pass only installs the routers.
+
+The training settings were flat parameters before (``steps`` then counted the sparse stage
+only, ``lr_warmup`` was ``train.warmup``); a spec (or an older run folder's ``spec.yaml``) that
+still uses them runs the same, with a warning that gives the new spelling.
 
 ``state.metrics["prunepath"]["stages"]`` summarises each stage (first, last and mean
 cross-entropy, last router entropy, mean fraction of FFN channels touched per token).
@@ -37,6 +48,7 @@ After the pass, ``state.model`` is still the user's module, with its ``requires_
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -47,25 +59,41 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
-from prunegraph.passes.train.loop import Train
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.router import active_fraction, reset_stats, set_tau
+from prunegraph.passes.train.config import TrainConfig, check_settings
+from prunegraph.passes.train.loop import fit
+from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
-__all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "set_tau", "active_fraction", "sweep"]
+__all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "TRAINING", "set_tau",
+           "active_fraction", "sweep"]
+
+_LOG = logging.getLogger(__name__)
 
 STAGES = ("warmup", "sparse")
 
+#: PrunePath's training defaults: 50 dense + 50 sparse steps, no learning-rate warm-up, no plots,
+#: and the weight-sized checkpoint deleted once training completes.
+TRAINING = TrainConfig(steps=100, warmup=0, keep_checkpoint=False, plots=False)
+
+#: PrunePath's former flat training parameters -> their setting in ``train`` (specs only).
+_MOVED = {"steps": "steps", "batch_size": "batch_size", "block_len": "block_len",
+          "grad_accum": "grad_accum", "lr_warmup": "warmup", "lr_schedule": "lr_schedule",
+          "source": "source", "seed": "seed", "checkpoint_every": "checkpoint_every",
+          "resume": "resume", "halt_after": "halt_after", "checkpoint_dir": "checkpoint_dir",
+          "keep_checkpoint": "keep_checkpoint"}
+
 
 class PrunePathObjective:
-    """PrunePath as a Train objective (:class:`prunegraph.passes.train.loop.Objective`): routers
-    and model weights in two AdamW groups, the routing regularisers of each forward as the
-    penalty, and τ set by stage before every forward. ``spec`` is the :class:`PrunePath` pass
-    whose settings it trains with."""
+    """PrunePath as a training objective (:class:`prunegraph.passes.train.objective.Objective`):
+    routers and model weights in two AdamW groups, the routing regularisers of each forward as
+    the penalty, and τ set by stage before every forward. ``spec`` is the :class:`PrunePath`
+    pass whose settings it trains with."""
 
     name = "prunepath"
     teacher = None
+    kd_weight = 0.0
     shown = ("tau", "active_fraction")
 
     def __init__(self, model: nn.Module, spec: PrunePath) -> None:
@@ -85,24 +113,27 @@ class PrunePathObjective:
             return STAGES[0], s.warmup_tau
         if s.train_tau_max is None:
             return STAGES[1], s.train_tau
-        u = random.Random(s.seed * 1_000_003 + step).random()
+        u = random.Random(s.train.seed * 1_000_003 + step).random()
         return STAGES[1], s.train_tau + (s.train_tau_max - s.train_tau) * u
 
     def config(self) -> dict[str, Any]:
         keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "train_tau_max", "lr",
-                "router_lr", "router_decay", "entropy", "load_balance", "train_scope",
-                "lr_schedule")
+                "router_lr", "router_decay", "entropy", "load_balance", "train_scope")
         return {"objective": self.name, "routers": sorted(pp.router_param_names(self.model)),
                 **{k: getattr(self.spec, k) for k in keys}}
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """Routers and model weights; both follow ``train.lr_schedule``."""
         s = self.spec
         groups = [{"params": self.router_weights, "lr": s.router_lr,
-                   "weight_decay": s.router_decay, "name": "router", "schedule": s.lr_schedule}]
+                   "weight_decay": s.router_decay, "name": "router"}]
         if self.base:
             groups.append({"params": self.base, "lr": s.lr, "weight_decay": 0.0,
-                           "name": "model", "schedule": s.lr_schedule})
+                           "name": "model"})
         return groups
+
+    def schedule_restart(self, total: int) -> None:
+        return None  # one schedule over both stages
 
     def before_forward(self, step: int, total: int) -> None:
         set_tau(self.model, self.stage(step)[1])
@@ -137,6 +168,36 @@ class PrunePathObjective:
         return {"stages": stages}
 
 
+def _nest_flat_training(params: dict[str, Any], where: str) -> dict[str, Any]:
+    """PrunePath's parameters with the former flat training settings moved into ``train``
+    (the former ``steps`` counted the sparse stage; ``train.steps`` counts both)."""
+    prefix = f"{where}: " if where else ""
+    train = params.get("train") or {}
+    if not isinstance(train, dict):
+        raise SpecError(f"{prefix}PrunePath.train must be a mapping of training settings, got "
+                        f"{type(train).__name__} {train!r}")
+    train = dict(train)
+    moved = [k for k in params if k in _MOVED]
+    for key in moved:
+        value = params[key]
+        if key == "steps" and isinstance(value, int) and not isinstance(value, bool):
+            warmup = params.get("warmup_steps", PrunePath.warmup_steps)
+            value = value + warmup if isinstance(warmup, int) else value
+        target = _MOVED[key]
+        if target in train and train[target] != value:
+            raise SpecError(f"{prefix}PrunePath gives train.{target} twice: {train[target]!r} "
+                            f"under train and {params[key]!r} as the former flat {key!r}; "
+                            f"keep only train.{target}")
+        train[target] = value
+    out = {k: v for k, v in params.items() if k not in _MOVED}
+    out["train"] = train
+    _LOG.warning("%sPrunePath's training settings %s now sit under `train`: reading them as "
+                 "train: {%s} (train.steps counts both stages, warmup_steps plus the former "
+                 "steps); write them there", prefix, ", ".join(moved),
+                 ", ".join(f"{k}: {v}" for k, v in train.items()))
+    return out
+
+
 def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ce = [r["ce"] for r in rows]
     taus = [r["tau"] for r in rows]
@@ -151,18 +212,18 @@ def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 @register_pass
 @dataclass(frozen=True)
 class PrunePath(Pass):
-    """Install PrunePath routers on the MoEfied MLPs and train them (dense warm-up, then sparse
-    at ``train_tau``) through the Train loop; ``tau`` is the τ left set afterwards."""
+    """Install PrunePath routers on the MoEfied MLPs and train them (dense warm-up for the first
+    ``warmup_steps``, then sparse at ``train_tau``) with the training loop under ``train``;
+    ``tau`` is the τ left set afterwards."""
 
     name = "PrunePath"
     requires = ("model", "moe_layout")
-    provides = ("prunepath",)
+    provides = ("router",)
 
     tau: float = 0.7
     mode: Literal["exclusive", "inclusive"] = "exclusive"
     warmup_steps: int = 50
     warmup_tau: float = 1.05
-    steps: int = 50
     train_tau: float = 0.5
     train_tau_max: float | None = None
     lr: float = 1e-4
@@ -171,18 +232,31 @@ class PrunePath(Pass):
     entropy: float = 3e-4
     load_balance: float = 1e-3
     train_scope: Literal["all", "router"] = "all"
-    batch_size: int = 4
-    block_len: int = 128
-    grad_accum: int = 1
-    lr_warmup: int = 0
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    source: str = "wikipedia"
-    seed: int = 0
-    checkpoint_every: int = 50
-    resume: bool = True
-    halt_after: int | None = None
-    checkpoint_dir: str | None = None
-    keep_checkpoint: bool = False
+    train: TrainConfig = TRAINING
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", TrainConfig.nested(self.train, TRAINING,
+                                                             "PrunePath.train"))
+        super().__post_init__()
+
+    @classmethod
+    def from_params(cls, params, *, where: str = "") -> Pass:
+        """As for any pass; the former flat training parameters are read into ``train`` (with a
+        warning giving the new spelling), so older specs and run folders still run."""
+        if isinstance(params, dict) and any(k in _MOVED for k in params):
+            params = _nest_flat_training(params, where)
+        return super().from_params(params, where=where)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "train": self.train.to_dict()}
+
+    @classmethod
+    def parameter_help(cls, full: bool) -> list[str]:
+        """The nested training settings with PrunePath's defaults (``prunegraph passes``)."""
+        if not full:
+            return ["train holds the training loop's settings; `prunegraph passes PrunePath` "
+                    "lists them"]
+        return TrainConfig.describe("train.", TRAINING)
 
     def validate(self) -> None:
         for key in ("tau", "warmup_tau", "train_tau"):
@@ -194,29 +268,28 @@ class PrunePath(Pass):
             raise SpecError(f"PrunePath.train_tau_max must lie in [train_tau, 1] (a range of "
                             f"sparse-stage τ), got {self.train_tau_max} with train_tau "
                             f"{self.train_tau}")
-        for key, low in (("warmup_steps", 0), ("steps", 0), ("batch_size", 1), ("block_len", 2),
-                         ("grad_accum", 1), ("lr_warmup", 0), ("checkpoint_every", 1)):
-            if getattr(self, key) < low:
-                raise SpecError(f"PrunePath.{key} must be >= {low}, got {getattr(self, key)}")
+        check_settings(self.train, "PrunePath.train.", min_steps=0)
+        if not 0 <= self.warmup_steps <= self.train.steps:
+            raise SpecError(f"PrunePath.warmup_steps must lie in [0, train.steps] (the dense "
+                            f"stage is the start of the run), got {self.warmup_steps} with "
+                            f"train.steps {self.train.steps}")
         for key in ("lr", "router_lr", "router_decay", "entropy", "load_balance"):
             if getattr(self, key) < 0:
                 raise SpecError(f"PrunePath.{key} must be >= 0, got {getattr(self, key)}")
-        if self.halt_after is not None and self.halt_after < 1:
-            raise SpecError(f"PrunePath.halt_after must be >= 1 or null, got {self.halt_after}")
 
     def run(self, state: State) -> PassResult:
         model = state.model
-        total_steps = self.warmup_steps + self.steps
+        total_steps = self.train.steps
         if total_steps and state.get("tokenizer") is None:
             raise SpecError("PrunePath training needs a tokenizer for its text; load a model "
-                            "with one, or set warmup_steps=0 and steps=0")
+                            "with one, or set train.steps=0")
         pp.install(model, state.moe_layout, tau=self.warmup_tau, mode=self.mode)
         start = time.perf_counter()
         trained = self._train(state) if total_steps else {}
         set_tau(model, self.tau)
         reset_stats(model)
         model.eval()
-        state.prunepath = pp.spec(model)
+        state.router = pp.spec(model)
         record = {"experts": pp.routers(model)[0].experts, "mode": self.mode, "tau": self.tau,
                   "train_tokens": trained.get("tokens", 0),
                   "resumed_at": trained.get("resumed_at", 0),
@@ -227,18 +300,12 @@ class PrunePath(Pass):
                           stats={k: v for k, v in record.items() if k != "stages"})
 
     def _train(self, state: State) -> dict[str, Any]:
-        """Both stages as one Train run; the model's ``requires_grad`` flags are given back
-        (Train freezes what it does not train)."""
-        trainer = Train(steps=self.warmup_steps + self.steps, batch_size=self.batch_size,
-                        block_len=self.block_len, grad_accum=self.grad_accum,
-                        warmup=self.lr_warmup, kd_weight=0.0, seed=self.seed, source=self.source,
-                        checkpoint_every=self.checkpoint_every, resume=self.resume,
-                        halt_after=self.halt_after, plots=False,
-                        checkpoint_dir=self.checkpoint_dir,
-                        keep_checkpoint=self.keep_checkpoint)
+        """Both stages as one run of the loop; the model's ``requires_grad`` flags are given
+        back (the loop freezes what it does not train)."""
         flags = [(p, p.requires_grad) for p in state.model.parameters()]
         try:
-            return trainer.fit(state, PrunePathObjective(state.model, self), subdir="prunepath")
+            return fit(state, PrunePathObjective(state.model, self), self.train,
+                       subdir="prunepath")
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -271,7 +338,7 @@ class TauSweep(Pass):
     ``{"tau", "ppl", "active_fraction"}`` per τ (held-out split, ``ppl_blocks`` × ``seq_len``)."""
 
     name = "TauSweep"
-    requires = ("model", "tokenizer")  # routers from PrunePath, or a loaded PrunePath folder
+    requires = ("model", "tokenizer", "router")  # from PrunePath, or Load of a PrunePath folder
     provides = ()
 
     taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -290,13 +357,10 @@ class TauSweep(Pass):
                 raise SpecError(f"TauSweep.{key} must be >= {low}, got {getattr(self, key)}")
 
     def run(self, state: State) -> PassResult:
-        from prunegraph.data.text import load_documents, split_documents, token_blocks
+        from prunegraph.data.blocks import text_blocks
 
-        if not pp.is_installed(state.model):
-            raise SpecError("TauSweep needs a PrunePath model: put MoEfy and PrunePath before "
-                            "it, or load a folder saved from one (model: DIR/model)")
-        _, held_out = split_documents(load_documents(self.source))
-        blocks = token_blocks(state.tokenizer, held_out, self.seq_len, self.ppl_blocks)
+        blocks = text_blocks(state.tokenizer, self.source, "evaluation", self.seq_len,
+                             self.ppl_blocks)
         rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress))
         state.metrics["sweep"] = rows
         for r in rows:

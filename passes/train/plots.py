@@ -7,19 +7,18 @@ kind) and ``head_gates.png`` (a layer x head map of the final head gate values).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prunegraph.atomic import atomic_write
+
 __all__ = ["write_plots"]
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 def write_plots(folder: Path, history: list[dict[str, Any]], family,

@@ -14,9 +14,8 @@ import json
 import logging
 import time
 
-from prunegraph.ir.analysis import analyze
-from prunegraph.ir.analysis import report
 from prunegraph.cli.main import command
+from prunegraph.ir.analysis import analyze, report
 from prunegraph.pipeline.runfolder import atomic_write_text
 
 

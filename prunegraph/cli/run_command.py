@@ -15,7 +15,13 @@ import inspect
 
 from prunegraph.cli.main import command
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.contract import Pass, nearest, registered_passes, type_name
+from prunegraph.pipeline.contract import (
+    Pass,
+    declared_keys,
+    nearest,
+    registered_passes,
+    type_name,
+)
 from prunegraph.pipeline.plugins import load_plugins
 
 __all__ = ["run_command", "passes_command", "describe_pass"]
@@ -31,7 +37,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
                    help="replace DIR even when it is not empty and not a prunegraph run folder")
     p.add_argument("--no-progress", action="store_true", help="no per-pass lines on stderr")
     p.add_argument("--checks", action="store_true",
-                   help="run the registered invariant checks after every pass")
+                   help="run the invariant checks between passes (gates at 1 equal the model, "
+                        "the sliced model equals the gated one, ...) on a few probe tokens")
 
 
 @command("run", "run a pipeline spec and write a run folder", _configure_run)
@@ -79,9 +86,23 @@ def describe_pass(cls: type[Pass], full: bool = False) -> str:
     summary = doc if full else doc.split("\n\n")[0].replace("\n", " ")
     lines = [f"{cls.pass_name()}: {summary}".rstrip(": ")]
     lines.append(f"    requires: {', '.join(cls.requires) or '-'}    "
-                 f"provides: {', '.join(cls.provides) or '-'}")
+                 f"provides: {', '.join(cls.provides) or '-'}"
+                 + (f"    may provide: {', '.join(cls.may_provide)}" if cls.may_provide else ""))
+    if cls.invalidates:
+        lines.append(f"    invalidates: {', '.join(cls.invalidates)} "
+                     f"({'; '.join(sorted(set(cls.invalidates.values())))})")
+    if cls.guarantees:
+        lines.append(f"    checked: {', '.join(cls.guarantees)} (with --checks)")
+    if full:
+        keys = declared_keys()
+        for key in dict.fromkeys((*cls.requires, *cls.provides, *cls.may_provide)):
+            if key in keys and keys[key].doc:
+                lines.append(f"    state {key}: {keys[key].doc}")
     types_ = cls.param_types()
     for k, default in cls.param_defaults().items():
         tail = "(required)" if default is dataclasses.MISSING else f"= {default!r}"
         lines.append(f"    {k}: {type_name(types_[k])} {tail}")
+    more = getattr(cls, "parameter_help", None)  # a pass's nested settings, gate families ...
+    if callable(more):
+        lines.extend(f"    {line}" for line in more(full))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from prunegraph.errors import PrunegraphError
+from prunegraph.errors import PrunegraphError, nearest
 
 __all__ = ["RANDOM_CONFIGS", "META_CONFIGS", "load_model", "load_config", "smollm2_gguf_path"]
 
@@ -112,10 +112,7 @@ def load_config(spec: str):
 
 
 def _unknown(spec: str, name: str, table: dict) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(table), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    hint = nearest(name, table)
     return f"unknown model '{spec}'. Known names: {', '.join(sorted(table))}.{hint}"
 
 

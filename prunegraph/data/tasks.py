@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import json
 import lzma
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from prunegraph.errors import PrunegraphError
+from prunegraph.errors import PrunegraphError, nearest
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "load_task", "task_from_json"]
 
@@ -73,8 +72,7 @@ def load_task(name_or_path: str) -> Task:
         return task_from_json(json.loads(lzma.decompress(raw)), name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        close = difflib.get_close_matches(name_or_path, BUILTIN_TASKS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = nearest(name_or_path, BUILTIN_TASKS)
         raise PrunegraphError(f"unknown task '{name_or_path}': not a built-in task "
                               f"({', '.join(BUILTIN_TASKS)}) and not an existing JSON file.{hint}")
     raw = path.read_bytes()

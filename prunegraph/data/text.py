@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import json
 import lzma
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from prunegraph.errors import PrunegraphError
+from prunegraph.errors import PrunegraphError, nearest
 
 __all__ = ["Document", "BUILTIN_SOURCES", "load_documents", "split_documents", "token_blocks",
            "tokenizer_adds_bos"]
@@ -79,8 +78,7 @@ def load_documents(source: str) -> list[Document]:
 
 
 def _unknown_source(source: str) -> str:
-    close = difflib.get_close_matches(source, BUILTIN_SOURCES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = nearest(source, BUILTIN_SOURCES)
     return (f"unknown text source '{source}': it is not a built-in name "
             f"({', '.join(BUILTIN_SOURCES)}), not an existing file or folder, and not "
             f"'hf:NAME[:CONFIG][:SPLIT]'.{hint}")

@@ -20,7 +20,7 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.export import Dim
@@ -52,7 +52,6 @@ class Graph:
     shapes: dict[str, tuple[int, ...]]
     model_class: str
     seconds: float = 0.0
-    meta: dict = field(default_factory=dict)
 
     @property
     def fx(self) -> torch.fx.Graph:
@@ -60,9 +59,6 @@ class Graph:
 
     def param_of(self, placeholder: str) -> str | None:
         return self.param_names.get(placeholder)
-
-    def print(self) -> str:
-        return str(self.program.graph_module.code)
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -83,6 +79,12 @@ def canonical_parameters(model: torch.nn.Module) -> tuple[dict[str, str], dict[s
         canon[name] = first
         aliases.setdefault(first, []).append(name)
     return canon, aliases
+
+
+def tied_names(model: torch.nn.Module) -> list[list[str]]:
+    """Names that share one tensor (tied embeddings ...), each list canonical name first; the one
+    discovery of tied parameters that checkpoints, plans and budgets use."""
+    return [names for names in canonical_parameters(model)[1].values() if len(names) > 1]
 
 
 @contextlib.contextmanager

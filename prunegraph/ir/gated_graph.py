@@ -23,8 +23,8 @@ import torch
 from torch import fx
 
 from prunegraph.ir.capture import Graph
-from prunegraph.plan.gating import gate_shape
 from prunegraph.ir.groups import Group, Member
+from prunegraph.plan.gating import gate_shape
 
 __all__ = ["gated_graph", "member_unit_index"]
 

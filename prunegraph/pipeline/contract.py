@@ -1,8 +1,11 @@
 """The pass contract: :class:`State`, :class:`Pass`, :class:`PassResult` and the pass registry.
 
 A pass is a frozen dataclass whose fields are its parameters. Its class attributes say its spec
-``name``, the state keys it ``requires`` and the keys it ``provides``. Authors write ``run``
-only; :meth:`Pass.__call__` alone checks preconditions, the result type and postconditions, and
+``name``, the state keys it ``requires``, the keys it ``provides``, the keys it may provide
+depending on its input (``may_provide``: ``Load`` of a pruned folder provides its ``plan``) and
+the keys it ``invalidates`` with the reason (``Slice`` changes the model's shapes, so the
+``groups`` no longer describe it). A pipeline is checked against these declarations before it
+runs. Authors write ``run`` only; :meth:`Pass.__call__` alone checks preconditions, the result type and postconditions, and
 wraps foreign exceptions in :class:`~prunegraph.errors.PassError` naming the pass::
 
     from dataclasses import dataclass
@@ -43,7 +46,10 @@ A pass must not keep mutable state between runs: it is frozen, and ``run`` gets 
 ``state``.
 
 A :class:`State` holds named artifacts (``model``, ``tokenizer``, ``graph``, ``groups``,
-``gates``, ``plan`` ...) as attributes. Four *ambient* keys always exist and need not be declared:
+``gates``, ``plan`` ...) as attributes. Keys are declared with :func:`declare_key` (name, type,
+meaning): a pass that provides a declared key is checked to provide a value of its type, and
+``prunegraph passes`` shows what each key means. Every artifact a later pass reads is a state key;
+no pass reads another pass's results from attributes hidden on the model. Four *ambient* keys always exist and need not be declared:
 ``metrics`` (a dict, saved as ``metrics.json``), ``log`` (a :class:`logging.Logger`), ``run_dir``
 (a :class:`~pathlib.Path`, or ``None`` when the pipeline runs without a run folder) and
 ``progress`` (whether long passes should show progress bars: use :func:`progress_bar`).
@@ -52,7 +58,6 @@ A :class:`State` holds named artifacts (``model``, ``tokenizer``, ``graph``, ``g
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import types
 import typing
@@ -67,10 +72,14 @@ from prunegraph.errors import (
     PreconditionError,
     PrunegraphError,
     SpecError,
+    nearest,
 )
 
 __all__ = [
     "AMBIENT_KEYS",
+    "StateKey",
+    "declare_key",
+    "declared_keys",
     "MissingStateError",
     "Pass",
     "PassResult",
@@ -88,15 +97,74 @@ __all__ = [
 #: State keys that every :class:`State` has; passes need not list them in ``requires``.
 AMBIENT_KEYS: tuple[str, ...] = ("metrics", "log", "run_dir", "progress")
 
-_LOG = logging.getLogger("prunegraph.pipeline.pipeline")
+_LOG = logging.getLogger("prunegraph.pipeline")
 
 
-def nearest(name: str, candidates: typing.Iterable[str], n: int = 3) -> str:
-    """A ``" Did you mean 'a' or 'b'?"`` suffix for an error message (empty if nothing is close)."""
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+# ------------------------------------------------------------------------------- state keys
+
+
+@dataclasses.dataclass(frozen=True)
+class StateKey:
+    """A declared state key: its name, the type of its value and what it means.
+
+    ``type`` is a dotted path (``"prunegraph.plan.plan.Plan"``), imported only when a value is
+    checked, so declaring a key costs nothing; ``""`` accepts any value.
+    """
+
+    name: str
+    type: str = ""
+    doc: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """None if ``value`` fits the declared type, else what is wrong."""
+        if not self.type or value is None:
+            return None
+        module, _, cls_name = self.type.rpartition(".")
+        import importlib
+
+        cls = getattr(importlib.import_module(module or "builtins"), cls_name)
+        if isinstance(value, cls):
+            return None
+        return f"expected {self.type}, got {type(value).__module__}.{type(value).__qualname__}"
+
+
+_KEYS: dict[str, StateKey] = {}
+
+
+def declare_key(name: str, type: str = "", doc: str = "") -> StateKey:
+    """Declare state key ``name`` (its value's type as a dotted path, and its meaning)."""
+    if not name.isidentifier():
+        raise ValueError(f"state key {name!r} must be a Python identifier")
+    key = StateKey(name, type, doc)
+    old = _KEYS.get(name)
+    if old is not None and old != key:
+        raise ValueError(f"state key {name!r} is already declared as {old}; choose another name")
+    _KEYS[name] = key
+    return key
+
+
+def declared_keys() -> dict[str, StateKey]:
+    """A copy of the declared keys: name -> :class:`StateKey`."""
+    return dict(_KEYS)
+
+
+for _name, _type, _doc in (
+    ("model", "torch.nn.Module", "the user's model (the runtime view); passes change it in place"),
+    ("tokenizer", "", "the model's tokenizer"),
+    ("graph", "", "the captured torch.export program of the model as it was when analysed"),
+    ("analysis", "", "the analysis result (index spaces, groups, timings) of that capture"),
+    ("groups", "builtins.list", "the coupled groups of the model as analysed (list of Group)"),
+    ("plan", "prunegraph.plan.plan.Plan",
+     "which units of the base model are kept; it maps onto the model's parameters while they "
+     "keep the plan's names"),
+    ("gates", "prunegraph.plan.gating.GateHandle",
+     "gates installed on the model (live values; a GateSet for unit gates)"),
+    ("saved_model", "builtins.str", "the folder a pruned checkpoint was written to"),
+    ("router", "builtins.dict",
+     "dynamic routing a method runtime installed on the model (PrunePath's routers), as the "
+     "description its checkpoint stores"),
+):
+    declare_key(_name, _type, _doc)
 
 
 # --------------------------------------------------------------------------------------- State
@@ -195,6 +263,13 @@ class Pass:
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    #: Keys provided only when the input allows (e.g. ``plan`` when Load reads a pruned folder).
+    may_provide: ClassVar[tuple[str, ...]] = ()
+    #: Keys this pass makes stale, with the reason: they are dropped from the state after it runs.
+    invalidates: ClassVar[dict[str, str]] = {}
+    #: Invariant checks (registered with ``register_check(..., guarantee=True)``) that must
+    #: hold around this pass, such as ``sliced-equals-gated`` for ``Slice``.
+    guarantees: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self._check_params()
@@ -243,6 +318,14 @@ class Pass:
                 f"pass {self.pass_name()} promised to provide {', '.join(map(repr, absent))} "
                 f"but the state it returned lacks them"
             )
+        for key in (*self.provides, *self.may_provide):
+            declared = _KEYS.get(key)
+            problem = declared.check(result.state.get(key)) if declared else None
+            if problem:
+                raise PostconditionError(f"pass {self.pass_name()} provided {key!r}: {problem}")
+        for key in self.invalidates:
+            if key not in self.provides and result.state.has(key):
+                delattr(result.state, key)
         return result
 
     # -- parameters ------------------------------------------------------------------------
@@ -447,10 +530,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         )
     if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"pass {cls.name} must be frozen: use @dataclass(frozen=True)")
-    for attr in ("requires", "provides"):
+    for attr in ("requires", "provides", "may_provide", "guarantees"):
         value = getattr(cls, attr)
         if not (isinstance(value, tuple) and all(isinstance(k, str) for k in value)):
             raise TypeError(f"pass {cls.name}.{attr} must be a tuple of str, got {value!r}")
+    if not (isinstance(cls.invalidates, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and v
+                    for k, v in cls.invalidates.items())):
+        raise TypeError(f"pass {cls.name}.invalidates must map each key to the reason it goes "
+                        f"stale, got {cls.invalidates!r}")
     typing.get_type_hints(cls)  # fail now on an annotation that does not resolve
     old = _REGISTRY.get(cls.name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -484,22 +572,25 @@ def registered_passes() -> dict[str, type[Pass]]:
 def isolated_registry(*, empty: bool = False) -> Iterator[None]:
     """Register passes inside the block only (for tests): the registry is restored on exit.
 
-    With ``empty=True`` the block starts with no pass registered, so test passes may reuse the
-    names of real ones. Load plugins *before* the block: ones first imported inside it would be
+    With ``empty=True`` the block starts with no pass and no state key declared, so test passes
+    may reuse the names of real ones. Load plugins *before* the block: ones first imported inside it would be
     dropped on exit and, being imported once, never registered again.
     """
-    saved = dict(_REGISTRY)
+    saved, saved_keys = dict(_REGISTRY), dict(_KEYS)
     if empty:
         _REGISTRY.clear()
+        _KEYS.clear()
     try:
         yield
     finally:
         _REGISTRY.clear()
         _REGISTRY.update(saved)
+        _KEYS.clear()
+        _KEYS.update(saved_keys)
 
 
 def _providers_hint(key: str) -> str:
-    providers = sorted(n for n, c in _REGISTRY.items() if key in c.provides)
+    providers = sorted(n for n, c in _REGISTRY.items() if key in (*c.provides, *c.may_provide))
     if not providers:
         return f"No registered pass provides {key!r}."
     return f"Passes that provide {key!r}: {', '.join(providers)}."

@@ -31,6 +31,7 @@ class Load(Pass):
     name = "Load"
     requires = ()
     provides = ("model", "tokenizer")
+    may_provide = ("plan", "router")  # a pruned folder's plan; a method runtime it carries
 
     model: str
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -71,5 +72,22 @@ class Load(Pass):
             model = model.to(device)
         state.model = model
         state.tokenizer = tokenizer
+        self._saved_state(state)
         n = sum(p.numel() for p in model.parameters())
         return PassResult(state, modified=True, stats={"parameters": n, "device": device})
+
+    def _saved_state(self, state: State) -> None:
+        """A folder saved by prunegraph brings its plan and the runtimes on the model."""
+        from pathlib import Path
+
+        from prunegraph.plan.checkpoint import saved_plan
+        from prunegraph.plan.extensions import registered_extensions
+
+        folder = Path(self.model)
+        plan = saved_plan(folder) if folder.is_dir() else None
+        if plan is not None:
+            state.plan = plan
+        for ext in registered_extensions().values():
+            described = ext.describe(state.model) if ext.state_key else None
+            if described is not None:
+                setattr(state, ext.state_key, described)

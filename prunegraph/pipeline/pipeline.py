@@ -1,9 +1,11 @@
 """Pipelines: an ordered list of passes, validated as a whole before anything runs.
 
-Construction walks ``requires``/``provides`` from the initial state keys (by default ``model``
-and ``tokenizer``; a leading ``Load`` pass provides them too) and raises
-:class:`~prunegraph.errors.SpecError` naming the pass, the missing key and the passes that would
-provide it. :meth:`Pipeline.run` runs the passes in order, logs each one's time and stats, records
+Construction walks ``requires``/``provides``/``invalidates`` from the initial state keys (by
+default ``model`` and ``tokenizer``, or none when the first pass provides them, as ``Load`` does)
+and raises :class:`~prunegraph.errors.SpecError` naming the pass, the missing key and the fix: the
+passes that would provide it, or the earlier pass that invalidated it and why (``[Slice, Prune]``:
+"Prune requires 'groups', which Slice invalidated (the model's shapes changed): add Analyze after
+Slice"). :meth:`Pipeline.run` runs the passes in order, logs each one's time and stats, records
 them in ``state.metrics["passes"]``, runs the registered invariant checks between passes when
 asked, and on failure raises :class:`~prunegraph.errors.PassError` naming the passes already run::
 
@@ -17,9 +19,13 @@ asked, and on failure raises :class:`~prunegraph.errors.PassError` naming the pa
     d = pipe.to_dict()           # {"version": 1, "initial": [...], "passes": [{"Prune": {...}}]}
     assert Pipeline.from_dict(d) == pipe
 
-Invariant checks are plain functions registered with :func:`register_check`; each runs after a
-pass when every key it needs is in the state. They are on when ``run(checks=True)`` or when the
-environment sets ``PRUNEGRAPH_CHECKS=1`` (as tests and CI do)::
+Invariant checks are plain functions registered with :func:`register_check`. A check with
+``passes=()`` runs after every pass once every key it ``needs`` is in the state; one that names
+passes runs around those passes only, and may take a snapshot before the pass (``before``) that
+it compares with after. They are on when ``run(checks=True)`` or when the environment sets
+``PRUNEGRAPH_CHECKS=1`` (as the test suite does). The core registers the equivalence guarantees
+as checks (:mod:`prunegraph.plan.invariants`: gates at 1 compute the original model; the sliced
+model computes the gated one)::
 
     @register_check("graph-lint", needs=("graph",))
     def _lint(state):
@@ -34,6 +40,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import prunegraph.pipeline.load  # noqa: F401  (registers the built-in Load pass)
@@ -59,26 +66,56 @@ __all__ = [
 SPEC_VERSION = 1
 DEFAULT_INITIAL: tuple[str, ...] = ("model", "tokenizer")
 
-_LOG = logging.getLogger("prunegraph.pipeline.pipeline")
-_CHECKS: dict[str, tuple[tuple[str, ...], Callable[[State], None]]] = {}
+_LOG = logging.getLogger("prunegraph.pipeline")
 
 
-def register_check(name: str, needs: Sequence[str] = ()):
-    """Register ``fn(state) -> None`` as an invariant check run between passes.
+@dataclass(frozen=True)
+class Check:
+    """A registered invariant check (see :func:`register_check`)."""
 
-    It runs after a pass when every key in ``needs`` is in the state, and raises (anything) when
-    the invariant is broken; the pipeline reports it as a PostconditionError of that pass.
+    name: str
+    needs: tuple[str, ...]
+    fn: Callable[..., None]
+    passes: tuple[str, ...] = ()
+    before: Callable[[State], Any] | None = None
+    guarantee: bool = False
+
+    def applies(self, p: Pass, state: State, *, before: bool = False) -> bool:
+        """Whether the check runs around ``p``; before it, the keys ``p`` provides may be absent."""
+        if self.guarantee and self.name not in p.guarantees:
+            return False
+        if self.passes and p.pass_name() not in self.passes:
+            return False
+        return all(state.has(k) for k in self.needs if not (before and k in p.provides))
+
+
+_CHECKS: dict[str, Check] = {}
+
+
+def register_check(name: str, needs: Sequence[str] = (), *, passes: Sequence[str] = (),
+                   before: Callable[[State], Any] | None = None, guarantee: bool = False):
+    """Register ``fn`` as an invariant check run between passes.
+
+    ``fn(state)`` runs after a pass when every key in ``needs`` is in the state: after every
+    pass, after the passes named in ``passes``, or, with ``guarantee=True``, after the passes
+    that list the check in their ``guarantees``. With ``before``, ``before(state)`` runs just
+    before such a pass (when its ``needs`` are present then) and ``fn(state, snapshot)`` gets
+    what it returned. A check raises (anything) when the invariant is broken; the pipeline
+    reports it as a PostconditionError of that pass.
     """
 
-    def decorator(fn: Callable[[State], None]) -> Callable[[State], None]:
-        _CHECKS[name] = (tuple(needs), fn)
+    def decorator(fn: Callable[..., None]) -> Callable[..., None]:
+        _CHECKS[name] = Check(name, tuple(needs), fn, tuple(passes), before, guarantee)
         return fn
 
     return decorator
 
 
-def registered_checks() -> dict[str, tuple[tuple[str, ...], Callable[[State], None]]]:
-    return dict(_CHECKS)
+def registered_checks() -> dict[str, Check]:
+    """Every registered check, the core's equivalence checks included."""
+    from prunegraph.plan.invariants import CHECKS
+
+    return {**{c.name: c for c in CHECKS}, **_CHECKS}
 
 
 def check_version(data: dict[str, Any], prefix: str = "") -> None:
@@ -89,20 +126,33 @@ def check_version(data: dict[str, Any], prefix: str = "") -> None:
                         f"(this prunegraph reads version {SPEC_VERSION})")
 
 
-def pass_from_entry(entry: Any, *, where: str = "") -> Pass:
-    """Build a pass from its spec form: ``"Name"``, ``{"Name": {params}}`` or ``{"Name": None}``."""
+def parse_entry(entry: Any, *, where: str = "") -> tuple[str, dict[str, Any]]:
+    """Split a spec entry into ``(pass name, parameters)``: ``"Name"``, ``{"Name": {params}}``
+    or ``{"Name": None}``. Every place that reads pass entries goes through here."""
     prefix = f"{where}: " if where else ""
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        (name, params), = entry.items()
+        if params is None:
+            params = {}
+        if isinstance(name, str):
+            if not isinstance(params, dict):
+                raise SpecError(f"{prefix}parameters of pass {name} must be a mapping, got "
+                                f"{type(params).__name__} {params!r}")
+            return name, params
+    raise SpecError(
+        f"{prefix}a pass entry must be a pass name or a one-key mapping "
+        f"{{PassName: {{param: value}}}}, got {entry!r}"
+    )
+
+
+def pass_from_entry(entry: Any, *, where: str = "") -> Pass:
+    """Build a pass from its spec form (see :func:`parse_entry`)."""
     if isinstance(entry, Pass):
         return entry
-    if isinstance(entry, str):
-        name, params = entry, {}
-    elif isinstance(entry, dict) and len(entry) == 1:
-        (name, params), = entry.items()
-    else:
-        raise SpecError(
-            f"{prefix}a pass entry must be a pass name or a one-key mapping "
-            f"{{PassName: {{param: value}}}}, got {entry!r}"
-        )
+    name, params = parse_entry(entry, where=where)
+    prefix = f"{where}: " if where else ""
     try:
         cls = get_pass_class(name)
     except SpecError as e:
@@ -113,8 +163,12 @@ def pass_from_entry(entry: Any, *, where: str = "") -> Pass:
 class Pipeline:
     """An ordered, validated list of passes. See the module docstring."""
 
-    def __init__(self, passes: Iterable[Pass], *, initial: Iterable[str] = DEFAULT_INITIAL):
+    def __init__(self, passes: Iterable[Pass], *, initial: Iterable[str] | None = None):
         self.passes: tuple[Pass, ...] = tuple(passes)
+        if initial is None:  # a pipeline that loads its own model starts from nothing
+            first = self.passes[0] if self.passes else None
+            loads = isinstance(first, Pass) and set(DEFAULT_INITIAL) <= set(first.provides)
+            initial = () if loads else DEFAULT_INITIAL
         self.initial: tuple[str, ...] = tuple(initial)
         for i, p in enumerate(self.passes):
             if not isinstance(p, Pass):
@@ -128,24 +182,41 @@ class Pipeline:
 
     def _validate_order(self) -> None:
         available = set(self.initial) | set(AMBIENT_KEYS)
+        stale: dict[str, tuple[int, Pass]] = {}  # key -> the pass that invalidated it
         for i, p in enumerate(self.passes):
             for key in p.requires:
                 if key in available:
                     continue
-                later = [q.pass_name() for q in self.passes[i + 1:] if key in q.provides]
-                providers = sorted(n for n, c in registered_passes().items() if key in c.provides)
-                if later:
-                    fix = f"move {later[0]} before {p.pass_name()}"
-                elif providers:
-                    fix = f"add {' or '.join(f'`{n}`' for n in providers)} before {p.pass_name()}"
-                else:
-                    fix = f"no registered pass provides {key!r}; start from a state that has it"
-                have = ", ".join(sorted(available - set(AMBIENT_KEYS))) or "nothing"
-                raise SpecError(
-                    f"pass {i} ({p.pass_name()}) requires {key!r}, which nothing before it "
-                    f"provides (available: {have}): {fix}."
-                )
-            available.update(p.provides)
+                raise SpecError(self._missing(i, p, key, available, stale.get(key)))
+            for key in p.invalidates:
+                if key not in p.provides:
+                    available.discard(key)
+                    stale[key] = (i, p)
+            for key in (*p.provides, *p.may_provide):
+                available.add(key)
+                stale.pop(key, None)
+
+    def _missing(self, i: int, p: Pass, key: str, available: set[str],
+                 stale: tuple[int, Pass] | None) -> str:
+        """The construction error for pass ``i`` requiring ``key``, with the fix."""
+        later = [q.pass_name() for q in self.passes[i + 1:] if key in q.provides]
+        providers = sorted(n for n, c in registered_passes().items()
+                           if key in (*c.provides, *c.may_provide))
+        if stale is not None:
+            j, q = stale
+            fix = (f"add {' or '.join(f'`{n}`' for n in providers)} between them"
+                   if providers else f"move {p.pass_name()} before {q.pass_name()}")
+            return (f"pass {i} ({p.pass_name()}) requires {key!r}, which pass {j} "
+                    f"({q.pass_name()}) invalidated ({q.invalidates[key]}): {fix}.")
+        if later:
+            fix = f"move {later[0]} before {p.pass_name()}"
+        elif providers:
+            fix = f"add {' or '.join(f'`{n}`' for n in providers)} before {p.pass_name()}"
+        else:
+            fix = f"no registered pass provides {key!r}; start from a state that has it"
+        have = ", ".join(sorted(available - set(AMBIENT_KEYS))) or "nothing"
+        return (f"pass {i} ({p.pass_name()}) requires {key!r}, which nothing before it "
+                f"provides (available: {have}): {fix}.")
 
     # -- equality and serialisation ------------------------------------------------------
 
@@ -178,26 +249,13 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "") -> Pipeline:
-        """Inverse of :meth:`to_dict`; every problem is a SpecError with the pass index."""
-        prefix = f"{where}: " if where else ""
-        if not isinstance(data, dict):
-            raise SpecError(f"{prefix}a pipeline must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"version", "initial", "passes"}
-        if unknown:
-            raise SpecError(f"{prefix}unknown pipeline keys {sorted(unknown)}; "
-                            f"expected version, initial, passes")
-        check_version(data, prefix)
-        entries = data.get("passes", [])
-        if not isinstance(entries, list):
-            raise SpecError(f"{prefix}'passes' must be a list, got {type(entries).__name__}")
-        passes = [pass_from_entry(e, where=f"{prefix}passes[{i}]") for i, e in enumerate(entries)]
-        initial = data.get("initial", DEFAULT_INITIAL)
-        if not (isinstance(initial, (list, tuple)) and all(isinstance(k, str) for k in initial)):
-            raise SpecError(f"{prefix}'initial' must be a list of state keys, got {initial!r}")
-        try:
-            return cls(passes, initial=initial)
-        except SpecError as e:
-            raise SpecError(f"{prefix}{e}") from None
+        """Inverse of :meth:`to_dict`, through the one spec schema
+        (:meth:`prunegraph.pipeline.spec.Spec.from_dict`); problems are SpecErrors."""
+        from prunegraph.pipeline.spec import Spec
+
+        if isinstance(data, dict) and "initial" not in data:
+            data = {**data, "initial": list(DEFAULT_INITIAL)}
+        return Spec.from_dict(data, source=where or None).pipeline
 
     # -- running ---------------------------------------------------------------------------
 
@@ -254,10 +312,11 @@ class Pipeline:
                     print(f"{header} ...", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 try:
+                    snapshots = _before_checks(p, state) if checks else {}
                     result: PassResult = p(state)
                     state = result.state
                     if checks:
-                        _run_checks(p, state)
+                        _run_checks(p, state, snapshots)
                 except Exception as e:
                     ran = ", ".join(done) or "none"
                     where = f" Run folder: {folder.path}." if folder else ""
@@ -287,18 +346,31 @@ class Pipeline:
         return state
 
 
-def _run_checks(p: Pass, state: State) -> None:
-    for name, (needs, fn) in _CHECKS.items():
-        if all(state.has(k) for k in needs):
-            try:
-                fn(state)
-            except PrunegraphError as e:
-                raise PostconditionError(
-                    f"invariant check {name!r} failed after pass {p.pass_name()}: {e}") from e
-            except Exception as e:
-                raise PostconditionError(
-                    f"invariant check {name!r} failed after pass {p.pass_name()}: "
-                    f"{type(e).__name__}: {e}") from e
+def _before_checks(p: Pass, state: State) -> dict[str, Any]:
+    """Snapshots of the checks that compare the state before and after ``p``."""
+    snapshots = {}
+    for check in registered_checks().values():
+        if check.before is not None and check.applies(p, state, before=True):
+            snapshots[check.name] = check.before(state)
+    return snapshots
+
+
+def _run_checks(p: Pass, state: State, snapshots: dict[str, Any]) -> None:
+    for check in registered_checks().values():
+        if check.before is not None and check.name not in snapshots:
+            continue
+        if not check.applies(p, state):
+            continue
+        args = (state, snapshots[check.name]) if check.before is not None else (state,)
+        try:
+            check.fn(*args)
+        except PrunegraphError as e:
+            raise PostconditionError(
+                f"invariant check {check.name!r} failed after pass {p.pass_name()}: {e}") from e
+        except Exception as e:
+            raise PostconditionError(
+                f"invariant check {check.name!r} failed after pass {p.pass_name()}: "
+                f"{type(e).__name__}: {e}") from e
 
 
 def _seed_everything(seed: int) -> None:

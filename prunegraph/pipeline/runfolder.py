@@ -22,16 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from prunegraph.atomic import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_path,
+)
 from prunegraph.errors import SpecError
 
 __all__ = [
@@ -48,30 +50,6 @@ MARKER = ".prunegraph-run"
 
 
 # ------------------------------------------------------------------------------ atomic writes
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's 0600 is private
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode(encoding))
 
 
 def to_json(obj: Any, indent: int | None = 2, *, strict: bool = True) -> str:
@@ -106,41 +84,6 @@ def _lenient_default(obj: Any) -> Any:
         return _json_default(obj)
     except Exception:
         return repr(obj)
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Build a folder under ``<path>.tmp-XXXX`` and rename it to ``path`` on success.
-
-    On an exception the temporary folder is removed and ``path`` is untouched. An existing
-    ``path`` is replaced (``overwrite=True``) or is an error.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; remove it or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.tmp-"))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp's 0700 is private
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.old-"))
-            old.rmdir()
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------- run folders
@@ -198,7 +141,7 @@ class RunFolder:
         """Replace any previous run here, write the marker and ``spec.yaml``, start ``log.txt``."""
         self._check()
         if self.path.exists():
-            _remove(self.path)
+            remove_path(self.path)
         self.path.mkdir(parents=True)
         atomic_write_json(self.path / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.write_spec(spec)

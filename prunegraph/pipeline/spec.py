@@ -36,15 +36,21 @@ from typing import Any
 import yaml
 
 from prunegraph.errors import SpecError
-from prunegraph.pipeline.load import Load
 from prunegraph.pipeline.contract import State, nearest, registered_passes
-from prunegraph.pipeline.pipeline import SPEC_VERSION, Pipeline, check_version, pass_from_entry
+from prunegraph.pipeline.load import Load
+from prunegraph.pipeline.pipeline import (
+    SPEC_VERSION,
+    Pipeline,
+    check_version,
+    parse_entry,
+    pass_from_entry,
+)
 
 __all__ = ["Spec", "load_spec", "apply_overrides", "parse_value", "TOP_LEVEL_KEYS"]
 
 #: Top-level keys of a spec and their types (``passes`` aside).
 TOP_LEVEL_KEYS = {"version": int, "model": (str, type(None)), "device": (str, type(None)),
-                  "seed": int, "passes": list}
+                  "seed": int, "initial": list, "passes": list}
 
 
 class _Loader(yaml.SafeLoader):
@@ -81,6 +87,8 @@ class Spec:
         out = {"version": SPEC_VERSION, "model": self.model}
         if self.device is not None:
             out["device"] = self.device
+        if self.pipeline.initial:
+            out["initial"] = list(self.pipeline.initial)
         return {**out, "seed": self.seed, "passes": [p.to_dict() for p in self.pipeline.passes]}
 
     @classmethod
@@ -91,11 +99,6 @@ class Spec:
             raise SpecError(f"{where}a spec must be a mapping with a 'passes' list, got "
                             f"{type(data).__name__}")
         for key, value in data.items():
-            if key == "initial":
-                raise SpecError(
-                    f"{where}'initial' belongs to Pipeline.to_dict() (a pipeline run on an "
-                    f"in-memory model); a spec starts from an empty state: remove 'initial' and "
-                    f"set the top-level `model:` or start with a Load pass")
             if key not in TOP_LEVEL_KEYS:
                 raise SpecError(f"{where}unknown top-level key {key!r}.{nearest(str(key), TOP_LEVEL_KEYS)}"
                                 f" Top-level keys: {', '.join(TOP_LEVEL_KEYS)}.")
@@ -110,8 +113,9 @@ class Spec:
             raise SpecError(f"{where}the spec has no 'passes' list; add `passes: [...]`")
         model, device = data.get("model"), data.get("device")
         entries = list(data["passes"])
-        if entries and _entry_name(entries[0]) == Load.name and (model, device) != (None, None):
-            name, params = _normalise_entry(entries[0])
+        first = _entry_name(entries[0]) if entries else None
+        if first == Load.name and (model, device) != (None, None):
+            name, params = parse_entry(entries[0], where=f"{where}passes[0]")
             params = dict(params)
             for key, value in (("model", model), ("device", device)):
                 if value is None:
@@ -129,11 +133,18 @@ class Spec:
                             f"the spec loads no model; set `model:` or start with a Load pass")
         passes = [pass_from_entry(e, where=f"{where}passes[{i}]") for i, e in enumerate(entries)]
         implicit = model is not None and not (passes and isinstance(passes[0], Load))
+        initial = data.get("initial")
+        if initial is not None and not all(isinstance(k, str) for k in initial):
+            raise SpecError(f"{where}'initial' must be a list of state keys, got {initial!r}")
+        if initial and (implicit or (passes and isinstance(passes[0], Load))):
+            raise SpecError(f"{where}'initial' lists state keys a pipeline run in memory starts "
+                            f"with, but this spec loads its model; remove 'initial' or the "
+                            f"model/Load")
         try:
             if implicit:  # validate first without the Load, so indices match the file
                 Pipeline(passes, initial=Load.provides)
                 passes.insert(0, Load(model=model, device=device or "auto"))
-            pipeline = Pipeline(passes, initial=())
+            pipeline = Pipeline(passes, initial=tuple(initial or ()))
         except SpecError as e:
             hint = ("" if model is not None or (passes and isinstance(passes[0], Load))
                     else " (or set the top-level `model:`, which adds a Load)")
@@ -146,15 +157,22 @@ class Spec:
         return "\n".join(head) + "\n" + self.pipeline.describe()
 
     def run(self, run_dir: Any = None, *, overwrite: bool = False, progress: bool = True,
-            checks: bool | None = None) -> State:
-        """Run from an empty state, writing the run folder ``run_dir`` when given."""
+            checks: bool | None = None, state: State | None = None) -> State:
+        """Run from ``state`` (empty by default; it must hold the spec's ``initial`` keys),
+        writing the run folder ``run_dir`` when given."""
+        state = State() if state is None else state
+        missing = [k for k in self.pipeline.initial if not state.has(k)]
+        if missing:
+            raise SpecError(f"this spec starts from a state holding {', '.join(missing)} (its "
+                            f"'initial'); set the top-level `model:` or start with a Load pass "
+                            f"to run it on its own")
         from prunegraph.pipeline.runfolder import RunFolder
 
         folder = None
         if run_dir is not None:
             folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir,
                                                                               overwrite=overwrite)
-        return self.pipeline.run(State(), run_dir=folder, progress=progress, checks=checks,
+        return self.pipeline.run(state, run_dir=folder, progress=progress, checks=checks,
                                  seed=self.seed, spec=self.to_dict())
 
 
@@ -202,23 +220,10 @@ def _read_file(path: Path) -> Any:
 
 
 def _entry_name(entry: Any) -> str | None:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, dict) and len(entry) == 1:
-        return next(iter(entry))
-    return None
-
-
-def _normalise_entry(entry: Any) -> tuple[str, dict[str, Any]]:
-    name = _entry_name(entry)
-    if name is None:
-        raise SpecError(f"a pass entry must be a name or a one-key mapping, got {entry!r}")
-    params = {} if isinstance(entry, str) else entry[name]
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise SpecError(f"parameters of pass {name} must be a mapping, got {params!r}")
-    return name, params
+    try:
+        return parse_entry(entry)[0]
+    except SpecError:
+        return None
 
 
 def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str | None = None
@@ -275,7 +280,7 @@ def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str 
                 raise SpecError(f"--set {item!r}: write {parts[0]}.PARAM=VALUE")
             index, param = hits[0], parts[1]
         try:
-            name, params = _normalise_entry(entries[index])
+            name, params = parse_entry(entries[index])
         except SpecError as e:
             raise SpecError(f"--set {item!r}: {prefix}passes[{index}]: {e}") from None
         entries[index] = {name: {**params, param: value}}

@@ -32,12 +32,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegraph.errors import CheckpointError, PlanError, PreconditionError, PrunegraphError
+from prunegraph.atomic import atomic_dir
+from prunegraph.errors import (
+    CheckpointError,
+    PlanError,
+    PreconditionError,
+    PrunegraphError,
+)
+from prunegraph.ir.capture import tied_names
 from prunegraph.plan.extensions import registered_extensions
-from prunegraph.plan.plan import Plan, _atomic_dir
+from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
 
-__all__ = ["save_pruned", "from_pretrained", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
+__all__ = ["save_pruned", "from_pretrained", "saved_plan", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
 
 WEIGHTS = "model.safetensors"
 BUFFERS = "prunegraph_buffers.safetensors"
@@ -45,13 +52,6 @@ PLAN_STEM = "prunegraph_plan"
 #: Keys of the plan's extra JSON that the core itself writes (others name extensions).
 _PLAN_EXTRA_KEYS = frozenset({"base_config", "model_class", "tied", "hf_compatible"})
 _FIX = "re-save the model with prunegraph.save_pruned (or copy the folder again)"
-
-
-def _tied(model: nn.Module) -> list[list[str]]:
-    by_id: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(n)
-    return [names for names in by_id.values() if len(names) > 1]
 
 
 def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
@@ -119,11 +119,11 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
     base_config = _config_from_dict(dict(plan.fingerprint["config"],
                                          **{"dtype": str(next(model.parameters()).dtype)
                                             .removeprefix("torch.")}))
-    extensions = registered_extensions()
+    extensions = registered_extensions(load=True)
     added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
     _check_shapes(model, plan, base_config, skip=added)
 
-    tied = _tied(model)
+    tied = tied_names(model)
     aliases = {n for names in tied for n in names[1:]}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if k not in aliases}
@@ -149,7 +149,9 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    return _atomic_dir(path, write)
+    with atomic_dir(path) as tmp:
+        write(tmp)
+    return path
 
 
 def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str] = frozenset()
@@ -169,7 +171,7 @@ def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str]
 
 def _rebuild_extensions(model: nn.Module, extra: dict[str, Any], path: Path) -> None:
     """Reinstall every method runtime the checkpoint records (PrunePath's routers ...)."""
-    extensions = registered_extensions()
+    extensions = registered_extensions(load=True)
     for name, described in extra.items():
         if name in _PLAN_EXTRA_KEYS or not described:
             continue
@@ -261,5 +263,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(path))
-    model._prunegraph_plan = plan
     return model.to(device).eval()
+
+
+def saved_plan(path: str | os.PathLike) -> Plan | None:
+    """The plan stored in a folder written by :func:`save_pruned`, or None for any other folder."""
+    path = Path(path)
+    if not (path / f"{PLAN_STEM}.json").is_file():
+        return None
+    try:
+        return Plan.read_files(path, PLAN_STEM)[0]
+    except PlanError as e:
+        raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: {e}") from e

@@ -33,6 +33,9 @@ class CheckpointExtension:
     describe: Callable[[nn.Module], dict[str, Any] | None]
     extra_params: Callable[[nn.Module], set[str]]
     rebuild: Callable[[nn.Module, dict[str, Any]], None]
+    #: The pipeline state key that holds the description while the runtime is on the model
+    #: (``Load`` of a saved folder sets it), or "" for none.
+    state_key: str = ""
 
 
 _EXTENSIONS: dict[str, CheckpointExtension] = {}
@@ -44,9 +47,11 @@ def register_extension(extension: CheckpointExtension) -> CheckpointExtension:
     return extension
 
 
-def registered_extensions() -> dict[str, CheckpointExtension]:
-    """Every registered extension, plugins loaded first (so a checkpoint that needs one finds it)."""
-    from prunegraph.pipeline.plugins import load_plugins
+def registered_extensions(*, load: bool = False) -> dict[str, CheckpointExtension]:
+    """Every registered extension; with ``load=True`` the plugins are imported first, so that a
+    checkpoint that needs one finds it (saving and loading checkpoints do that)."""
+    if load:
+        from prunegraph.pipeline.plugins import load_plugins
 
-    load_plugins()
+        load_plugins()
     return dict(_EXTENSIONS)

@@ -26,18 +26,22 @@ outputs equal the original's exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from prunegraph.errors import PlanError, PrunegraphError
 from prunegraph.ir.groups import Group, Member
 
-__all__ = ["GateSet", "apply_gates", "remove_gates", "unit_multiplier", "owner_of", "gate_shape"]
+__all__ = ["GateHandle", "GateSet", "apply_gates", "remove_gates", "installed_gates",
+           "unit_multiplier", "owner_of", "gate_shape"]
+
+#: Where the runtime keeps a model's GateSet (one per model); read it with installed_gates().
+_GATES_ATTR = "_prunegraph_gates"
 
 
 def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -128,6 +132,16 @@ class _RouterMask(TorchFunctionMode):
         return out
 
 
+@runtime_checkable
+class GateHandle(Protocol):
+    """Any gates installed on a model (the ``gates`` state key): live ``values`` and
+    ``remove()``. :class:`GateSet` for unit gates; a weight family (LEAP) installs its own."""
+
+    values: dict[str, torch.Tensor]
+
+    def remove(self) -> None: ...
+
+
 class GateSet:
     """Gates installed on a model: live per-group ``values`` and the handles to remove them.
 
@@ -145,11 +159,6 @@ class GateSet:
         self._folded: list[tuple[nn.Module, str]] = []
         self._hooks: list[Any] = []
 
-    def set(self, name: str, value: torch.Tensor) -> None:
-        """Replace one group's values after checking the shape."""
-        _check_value(self.groups[name], value)
-        self.values[name] = value
-
     def remove(self) -> None:
         """Take every gate off; parameters are the original tensors again."""
         for module, attr in self._folded:
@@ -159,8 +168,8 @@ class GateSet:
             handle.remove()
         self._folded.clear()
         self._hooks.clear()
-        if getattr(self.model, "_prunegraph_gates", None) is self:
-            del self.model._prunegraph_gates
+        if installed_gates(self.model) is self:
+            delattr(self.model, _GATES_ATTR)
 
     def __repr__(self) -> str:
         return f"GateSet({len(self.values)} groups on {len(self._folded)} parameters)"
@@ -183,7 +192,7 @@ def apply_gates(model: nn.Module, groups: list[Group],
             or an experts group without a router.
         PrunegraphError: the model already carries gates (remove them first).
     """
-    if getattr(model, "_prunegraph_gates", None) is not None:
+    if installed_gates(model) is not None:
         raise PrunegraphError("the model already has gates; call remove_gates(model) before "
                               "applying new ones")
     by_name = {g.name: g for g in groups}
@@ -224,7 +233,7 @@ def apply_gates(model: nn.Module, groups: list[Group],
     except Exception:
         gates.remove()
         raise
-    model._prunegraph_gates = gates
+    setattr(model, _GATES_ATTR, gates)
     return gates
 
 
@@ -257,11 +266,19 @@ def _install_router_mask(model: nn.Module, gates: GateSet, name: str, router: st
     gates._hooks.append(module.register_forward_hook(post, always_call=True))
 
 
+def installed_gates(model: nn.Module) -> GateSet | None:
+    """The :class:`GateSet` installed on ``model`` by :func:`apply_gates`, or None.
+
+    A model carries at most one set of gates; the runtime API (``remove_gates(model)``, folding)
+    finds it here. Pipeline passes read ``state.gates`` instead."""
+    return getattr(model, _GATES_ATTR, None)
+
+
 def remove_gates(model_or_gates: nn.Module | GateSet) -> None:
     """Remove the gates of a :class:`GateSet`, or those installed on a model (no-op if none)."""
     if isinstance(model_or_gates, GateSet):
         model_or_gates.remove()
         return
-    gates = getattr(model_or_gates, "_prunegraph_gates", None)
+    gates = installed_gates(model_or_gates)
     if gates is not None:
         gates.remove()

@@ -183,6 +183,20 @@ class MaskSet:
             den[row["layer"]] = den.get(row["layer"], 0) + row["params"]
         return {k: 1.0 - num[k] / den[k] for k in den}
 
+    # -- as a gate family's result (what Finalize and Train's polish read) ------------------
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        """The masks as 0/1 float multipliers."""
+        return {n: m.float() for n, m in self.masks.items()}
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Removed weights, as a plan reports removed parameters."""
+        removed = self.numel() - self.kept()
+        return {"params_removed": removed,
+                "params_fraction": removed / self.numel() if self.numel() else 0.0,
+                "pattern": self.pattern}
+
     # -- the model -------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -30,11 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +38,11 @@ from typing import Any
 
 import torch
 
+from prunegraph.atomic import atomic_dir
 from prunegraph.errors import BudgetError, PlanError
-from prunegraph.plan.gating import gate_shape
+from prunegraph.ir.capture import tied_names
 from prunegraph.ir.groups import Group, kept_masks, removed_params
+from prunegraph.plan.gating import gate_shape
 
 __all__ = ["Plan", "PlanGroup", "fingerprint", "routing_top_k", "FORMAT", "VERSION"]
 
@@ -77,10 +75,7 @@ def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         cfg = json.loads(json.dumps(cfg, sort_keys=True, default=str))
     params = {_param_name(n): list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     total = sum(p.numel() for p in model.parameters())
-    by_id: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(_param_name(n))
-    tied = [names for names in by_id.values() if len(names) > 1]
+    tied = [[_param_name(n) for n in names] for names in tied_names(model)]
     return {"model_class": type(model).__name__, "config_sha256": _sha(cfg),
             "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg, "params": params}
 
@@ -260,7 +255,9 @@ class Plan:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/plan.json`` and ``path/plan.safetensors`` atomically (temp folder, rename)."""
         path = Path(path)
-        return _atomic_dir(path, lambda tmp: self.write_files(tmp, "plan"))
+        with atomic_dir(path) as tmp:
+            self.write_files(tmp, "plan")
+        return path
 
     def write_files(self, folder: Path, stem: str, extra: dict[str, Any] | None = None) -> None:
         """Write ``<stem>.json`` and ``<stem>.safetensors`` into an existing folder."""
@@ -534,22 +531,3 @@ def _report(groups: list[PlanGroup], fp: dict[str, Any] | None) -> dict[str, Any
     return {"params_removed": removed, "flops_removed": flops, "params_total": total,
             "params_fraction": (removed / total) if total else None,
             "groups": {pg.name: {"kept": pg.kept, "size": pg.group.size} for pg in groups}}
-
-
-def _atomic_dir(path: Path, write) -> Path:
-    """Build a folder under a temporary sibling name with ``write(tmp)``, then rename it to path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path

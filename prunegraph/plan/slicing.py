@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunegraph.errors import PlanError, PreconditionError
-from prunegraph.plan.gating import owner_of, unit_multiplier
 from prunegraph.ir.groups import Group
+from prunegraph.plan.gating import owner_of, unit_multiplier
 from prunegraph.plan.plan import Plan, PlanGroup
 
 __all__ = ["apply_plan", "LAYER_ATTRIBUTES", "SHAPE_ATTRIBUTES", "CONFIG_FIELDS", "config_updates"]

@@ -18,7 +18,6 @@ import keyword
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from types import ModuleType
 
 import torch
 
+from prunegraph.atomic import atomic_write_text
 from prunegraph.targets.triton.swiglu import (
     SwigluBlocks,
     choose_blocks,
@@ -235,18 +235,7 @@ def generate_source(shapes: Sequence[MLPShape]) -> str:
 def write_module(shapes: Sequence[MLPShape], path: str | os.PathLike[str]) -> Path:
     """Generate the module and write it to ``path`` (through a temporary file and a rename)."""
     source = generate_source(shapes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, source)
 
 
 def load_module(path: str | os.PathLike[str], name: str | None = None) -> ModuleType:

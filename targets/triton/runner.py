@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PreconditionError
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.targets.triton.codegen import MLPShape, load_module
 from prunegraph.targets.triton.prunepath import prunepath_ffn
 from prunegraph.targets.triton.swiglu import interpreting

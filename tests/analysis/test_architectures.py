@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from prunegraph.ir.analysis import analyze
 from prunegraph.data.models import RANDOM_CONFIGS, load_model
+from prunegraph.ir.analysis import analyze
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunegraph.ir.analysis import analyze
 from prunegraph.errors import CaptureError, UnsupportedOpError
+from prunegraph.ir.analysis import analyze
 
 
 class _TinyLM(torch.nn.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunegraph.data.models import load_model
 from prunegraph.ir.analysis import analyze
 from prunegraph.ir.gated_graph import gated_graph
 from prunegraph.plan.gating import apply_gates, gate_shape
-from prunegraph.data.models import load_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "gpt2"])

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from prunegraph.data.models import RANDOM_CONFIGS
 from prunegraph.ir.analysis import analyze
 from prunegraph.ir.groups import Group, Member
-from prunegraph.data.models import RANDOM_CONFIGS
 
 
 @st.composite

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
 from _pruning_fixtures import fresh, random_plan
+
 from prunegraph.cli.main import main
-from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.errors import PreconditionError
+from prunegraph.plan.checkpoint import save_pruned
 from prunegraph.plan.slicing import apply_plan
 from prunegraph.targets.triton.codegen import load_module
 from prunegraph.targets.triton.export import export_triton, swiglu_mlp_paths

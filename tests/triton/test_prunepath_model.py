@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from prunegraph.passes.prunepath import router as pp
-from prunegraph.pipeline.contract import State
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath
+from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -22,7 +22,7 @@ from _pruning_fixtures import fresh, groups_of  # noqa: E402
 def test_kernels_equal_the_routed_mlp(arch, mode, tau):
     model = fresh(arch)
     state = MoEfy(group_size=12, iters=5)(State(model=model, groups=list(groups_of(arch)))).state
-    PrunePath(warmup_steps=0, steps=0, tau=tau, mode=mode)(state)
+    PrunePath(warmup_steps=0, train=dict(steps=0), tau=tau, mode=mode)(state)
     with torch.no_grad():
         for r in pp.routers(model):
             r.weight.copy_(torch.randn(r.weight.shape, generator=torch.Generator().manual_seed(0)))
@@ -41,6 +41,6 @@ def test_kernels_equal_the_routed_mlp(arch, mode, tau):
 def test_gpt2_mlp_is_refused_clearly():
     model = fresh("gpt2")
     state = MoEfy(group_size=32, iters=3)(State(model=model, groups=list(groups_of("gpt2")))).state
-    PrunePath(warmup_steps=0, steps=0)(state)
+    PrunePath(warmup_steps=0, train=dict(steps=0))(state)
     with pytest.raises(Exception, match="SwiGLU"):
         pp.kernel_weights(model)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunegraph.passes.prunepath import router as pp
 from prunegraph.errors import PrunegraphError
-from prunegraph.pipeline.contract import State
+from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath
+from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton import runner
 from prunegraph.targets.triton.runner import install_prunepath_mlps, uninstall
 
@@ -29,7 +29,7 @@ def routed_llama():
     that tau < 1 drops experts)."""
     model = fresh("llama")
     state = MoEfy(group_size=12, iters=3)(State(model=model, groups=list(groups_of("llama"))))
-    PrunePath(warmup_steps=0, steps=0, tau=0.6)(state.state)
+    PrunePath(warmup_steps=0, train=dict(steps=0), tau=0.6)(state.state)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for r in pp.routers(model):

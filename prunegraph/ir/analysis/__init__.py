@@ -47,10 +47,9 @@ class Analysis:
         for g in self.groups:
             if g.name == name:
                 return g
-        import difflib
+        from prunegraph.errors import nearest
 
-        close = difflib.get_close_matches(name, [g.name for g in self.groups], n=3)
-        raise KeyError(f"no group named {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise KeyError(f"no group named {name!r}.{nearest(name, [g.name for g in self.groups])}")
 
     def by_kind(self, kind: str) -> list[Group]:
         return [g for g in self.groups if g.kind == kind]

@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 import torch
 
 import prunegraph.ir.analysis.rules  # noqa: F401  (registers the built-in rules)
-from prunegraph.ir.analysis.registry import Origin, RuleContext, Value, get_rule, rule_source
+from prunegraph.errors import UnsupportedOpError
+from prunegraph.ir.analysis.registry import (
+    Origin,
+    RuleContext,
+    Value,
+    get_rule,
+    rule_source,
+)
 from prunegraph.ir.analysis.spaces import Conflict, Spaces, as_size
 from prunegraph.ir.capture import Graph, module_path
-from prunegraph.errors import UnsupportedOpError
 
 __all__ = ["Propagation", "propagate"]
 

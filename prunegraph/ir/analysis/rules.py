@@ -13,6 +13,7 @@ import torch
 from prunegraph.ir.analysis.registry import RuleContext, Value, rule
 from prunegraph.ir.analysis.spaces import Conflict, as_size
 
+
 class _OptionalOps:
     """``aten.name.overload`` that is None when this torch build lacks the op (rules skip it)."""
 
