@@ -202,7 +202,7 @@ def leap_memory(device: str, smoke: bool, layers: int, tokens: int, checkpointin
     from prunegraph.passes.gates.leap import LeapGates, MaskSpec
 
     model, cfg = _stack(device, layers, smoke)
-    fam = LeapGates(model, 0.5, init="magnitude", checkpointing=checkpointing)
+    fam = LeapGates([], 0.5, model, {"init": "magnitude", "checkpointing": checkpointing})
     fam.initialise(model)
     fam.to(device).train()
     gates = fam.install(model)
