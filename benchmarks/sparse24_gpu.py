@@ -193,8 +193,6 @@ def end_to_end(device: str, smoke: bool, layers: int, data: dict, out: Path) -> 
             res["runs"].append(run)
             print("e2e", run, flush=True)
             _write(out, data)
-    del model
-    torch.cuda.empty_cache()
 
 
 def leap_memory(device: str, smoke: bool, layers: int, tokens: int, checkpointing: bool,
@@ -283,6 +281,8 @@ def main() -> None:
         t = time.perf_counter()
         try:
             run()
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the section's model is gone
         except Exception as e:
             data.setdefault("errors", {})[name] = traceback.format_exc()[-1500:]
             print(name, "failed:", e, flush=True)

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from _docs import replace_section
+
+from prunegraph.atomic import atomic_write_text
 from prunegraph.data.models import load_model
 from prunegraph.data.tasks import load_task
 from prunegraph.data.text import load_documents, split_documents, token_blocks
 from prunegraph.passes import Finalize, Gate, SparsePrune, Train
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.pipeline.contract import State
-from prunegraph.atomic import atomic_write_text
 from prunegraph.pipeline.runfolder import to_json
 
 SECTION = "## Weight pruning: LEAP vs one-shot (SmolLM2-135M)"
@@ -205,7 +205,7 @@ def markdown(data: dict) -> str:
              "process (pruning + evaluation) are comparable between rows; wall time is not "
              "(shared machine).", "",
              "```", f"python {data['command'].split('python')[-1].strip()}"
-             if "python" in data["command"] else f"python benchmarks/unstructured.py",
+             if "python" in data["command"] else "python benchmarks/unstructured.py",
              "```", "", f"Machine: {data['machine']}.", "",
              "| setting | method | ppl | x dense | " + " | ".join(short.get(t, t) for t in tasks)
              + " | mean acc | sparsity | prune CPU s |",

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from prunegraph.errors import PrunegraphError
-from prunegraph.plan.masks import input_dim
 from prunegraph.passes._calibration import batches
+from prunegraph.plan.masks import input_dim
 
 __all__ = ["decoder_layers", "for_each_layer"]
 

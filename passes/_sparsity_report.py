@@ -11,8 +11,8 @@ import csv
 import io
 from pathlib import Path
 
-from prunegraph.plan.masks import MaskSet
 from prunegraph.pipeline.runfolder import atomic_write_bytes, atomic_write_text
+from prunegraph.plan.masks import MaskSet
 
 __all__ = ["write_sparsity_report", "per_layer_kinds"]
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from prunegraph.errors import CheckpointError, PreconditionError
-from prunegraph.plan.masks import MASKS_FILE, MaskSet
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.pipeline.runfolder import atomic_dir, run_path
+from prunegraph.plan.masks import MASKS_FILE, MaskSet
 
 __all__ = ["SaveSparse", "save_sparse"]
 

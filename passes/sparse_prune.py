@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from prunegraph.errors import SpecError
-from prunegraph.plan.masks import MaskSet, masks_from, parse_pattern, sparse_linears
 from prunegraph.pipeline.contract import Pass, PassResult, State, declare_key, register_pass
+from prunegraph.plan.masks import MaskSet, masks_from, parse_pattern, sparse_linears
 
 __all__ = ["SparsePrune", "prunable_weights", "oneshot_masks", "resolve_sparsity"]
 
@@ -97,8 +97,7 @@ def _prune_weight(mod: nn.Module, dim: int, method: str, stat, sparsity: float,
                   nm: tuple[int, int] | None, comparison: str, blocksize: int,
                   percdamp: float) -> torch.Tensor:
     """Prune one weight in place; returns its keep mask."""
-    from prunegraph.passes.sparse_masks import (keep_nm, keep_unstructured, magnitude_scores,
-                                                wanda_scores)
+    from prunegraph.passes.sparse_masks import keep_nm, keep_unstructured, magnitude_scores, wanda_scores
     from prunegraph.passes.sparsegpt import sparsegpt_prune
 
     w = mod.weight
@@ -216,7 +215,8 @@ class SparsePrune(Pass):
             try:
                 re.compile(s)
             except re.error as e:
-                raise SpecError(f"pass SparsePrune: skip pattern {s!r} is not a regex ({e})")
+                raise SpecError(f"pass SparsePrune: skip pattern {s!r} is not a regex ({e})"
+                                ) from None
 
     def run(self, state: State) -> PassResult:
         from prunegraph.data.blocks import text_blocks

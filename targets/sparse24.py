@@ -189,8 +189,10 @@ def cutlass_roundtrip(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     """``(values, metadata, decompressed)`` of a 2:4 weight in CUTLASS's compressed layout,
     computed on the CPU by torch's reference conversion; ``decompressed`` equals ``weight``
     exactly when the weight is 2:4 (what the GPU kernel multiplies with)."""
-    from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
-                                                           sparse_semi_structured_to_dense_cutlass)
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass,
+        sparse_semi_structured_to_dense_cutlass,
+    )
 
     values, meta = sparse_semi_structured_from_dense_cutlass(weight.detach().contiguous())
     return values, meta, sparse_semi_structured_to_dense_cutlass(values, meta)

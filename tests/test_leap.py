@@ -9,14 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _gate_fixtures import corpus, one_thread  # noqa: F401
 from _pruning_fixtures import fresh, groups_of
 from _tiny_tokenizer import make_tokenizer
+
 from prunegraph.errors import SpecError
 from prunegraph.passes import Finalize, Gate, SaveSparse, Train
-from prunegraph.passes.gates.leap import (LeapGates, MaskSpec, _LeapLinear, leap_schedule,
-                                          nm_shift, soft_mask)
+from prunegraph.passes.gates.leap import LeapGates, MaskSpec, _LeapLinear, leap_schedule, nm_shift, soft_mask
 from prunegraph.passes.train.loop import TrainingHalted
 from prunegraph.pipeline.contract import State
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _pruning_fixtures import fresh
+
 from prunegraph.errors import CheckpointError, PrunegraphError, SpecError
-from prunegraph.plan.masks import (MaskSet, layer_index, nm_violations, parse_pattern,
-                              sparse_linears)
+from prunegraph.plan.masks import MaskSet, layer_index, nm_violations, parse_pattern, sparse_linears
 
 
 def test_parse_pattern():

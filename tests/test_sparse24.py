@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _pruning_fixtures import fresh
+
 from prunegraph.errors import PrunegraphError, SpecError
 from prunegraph.passes.sparse_prune import oneshot_masks
-from prunegraph.targets.sparse24 import (candidates, cutlass_roundtrip, resolve_backend,
-                                         to_semi_structured)
+from prunegraph.targets.sparse24 import candidates, cutlass_roundtrip, resolve_backend, to_semi_structured
 
 
 def _two_four(arch="llama", dtype=torch.bfloat16, method="magnitude"):

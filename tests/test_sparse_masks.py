@@ -8,8 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunegraph.errors import SpecError
-from prunegraph.passes.sparse_masks import (global_topk, keep_nm, keep_unstructured,
-                                            magnitude_scores, ordered_key, wanda_scores)
+from prunegraph.passes.sparse_masks import (
+    global_topk,
+    keep_nm,
+    keep_unstructured,
+    magnitude_scores,
+    ordered_key,
+    wanda_scores,
+)
 
 T, F = True, False
 

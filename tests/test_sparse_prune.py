@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _gate_fixtures import corpus  # noqa: F401  (fixture)
 from _pruning_fixtures import ARCHS, fresh
 from _tiny_tokenizer import make_tokenizer
+
 from prunegraph.errors import PreconditionError, SpecError
-from prunegraph.plan.masks import MASKS_FILE, MaskSet
-from prunegraph.pipeline.contract import State
 from prunegraph.passes._calibration import input_norms
 from prunegraph.passes._layerwise import decoder_layers, for_each_layer
 from prunegraph.passes.sparse_prune import SparsePrune, oneshot_masks, prunable_weights
+from prunegraph.pipeline.contract import State
+from prunegraph.plan.masks import MASKS_FILE, MaskSet
 
 
 def _blocks(seed=0, n=6, length=16):

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunegraph.errors import SpecError
-from prunegraph.plan.masks import nm_violations
 from prunegraph.passes.sparsegpt import HessianAccumulator, sparsegpt_prune
+from prunegraph.plan.masks import nm_violations
 
 
 def _problem(rows: int, cols: int, seed: int, tokens: int = 300):

@@ -11,8 +11,8 @@ built here with the budget; its own settings go in ``options`` (DDP: ``mu0``, ``
 ``lr_l2``, ``lr_l3``, ``dual_schedule``; LEAP: ``pattern``, ``alpha``, ``tau``, ``lambda1``,
 ``prior_strength`` ...), a mapping in specs or the family's options dataclass in Python. A family
 with an ``initialise`` method (LEAP: logits from a one-shot Wanda mask) gets the model and the
-tokenizer before its gates are installed. Everything is checked at construction: an unknown family, a sparsity outside (0, 1),
-an unknown option or one of the wrong type.
+tokenizer before its gates are installed. Everything is checked at construction: an unknown
+family, a sparsity outside (0, 1), an unknown option or one of the wrong type.
 """
 
 from __future__ import annotations
