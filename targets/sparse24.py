@@ -9,6 +9,12 @@ changes; outputs equal the masked dense model's up to the GEMM's accumulation or
     model = AutoModelForCausalLM.from_pretrained("runs/wanda24/model", dtype=torch.bfloat16).cuda()
     report = to_semi_structured(model)          # {"converted": [...], "skipped": {name: why}}
 
+Speed, measured on an H200 with torch 2.11 (``benchmarks/sparse24_gpu.py``, docs/benchmarks.md):
+the converted Llama-3-8B-sized linears run 1.30-1.44x faster than cuBLAS when replayed in a CUDA
+graph, but an eager forward of converted decoder layers was several times *slower* (torch's eager
+cuSPARSELt call sets up its plan on every call); capture the forward in a CUDA graph to get the
+kernel speed.
+
 Backends: cuSPARSELt (``auto`` picks it when torch has it; the only one on Hopper) and torch's
 CUTLASS kernels, which run on compute capability 8.x only (on an H200 they raise "Supported only
 on GPUs with compute capability 8.x"; :func:`to_semi_structured` refuses first).
