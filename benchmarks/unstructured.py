@@ -113,8 +113,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt,leap")
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--calib-blocks", type=int, default=64)
-    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--calib-blocks", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--ppl-blocks", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--limits", default=LIMITS, help="per-task example limits, name=n,...")
@@ -151,8 +151,9 @@ def main() -> None:
     tasks = {n: load_task(n) for n in limits}
     todo = [("dense", "dense")] if "dense" in methods else []
     todo += [(s, m) for s in settings for m in methods if m != "dense"]
+    command = "python benchmarks/unstructured.py " + " ".join(sys.argv[1:])
     data.setdefault("machine", "")
-    data.setdefault("command", " ".join(sys.argv))
+    data.setdefault("command", command)
     for setting, method in todo:
         k = f"{setting}|{method}"
         if k in rows and not args.redo:
@@ -176,13 +177,15 @@ def main() -> None:
         print(k, {x: row[x] for x in ("ppl", "mean_acc", "cpu_s")}, flush=True)
         data = {"machine": f"{platform.processor() or platform.machine()}, "
                            f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                "command": " ".join(sys.argv), "rows": list(rows.values())}
+                "command": command, "rows": list(rows.values())}
         atomic_write_text(out, to_json(data))
     if args.markdown:
+        data["commands"] = [data["command"]]
         for other in args.also:
-            more = json.loads(Path(other).read_text())["rows"]
+            more = json.loads(Path(other).read_text())
             have = {key(r) for r in data["rows"]}
-            data["rows"] += [r for r in more if key(r) not in have]
+            data["rows"] += [r for r in more["rows"] if key(r) not in have]
+            data["commands"].append(more.get("command", ""))
         replace_section(Path(args.markdown), SECTION, markdown(data))
 
 
@@ -204,8 +207,8 @@ def markdown(data: dict) -> str:
              "trains with the budget of `examples/leap-smollm2.yaml`. CPU seconds of the "
              "process (pruning + evaluation) are comparable between rows; wall time is not "
              "(shared machine).", "",
-             "```", f"python {data['command'].split('python')[-1].strip()}"
-             if "python" in data["command"] else "python benchmarks/unstructured.py",
+             "```", *[c if c.startswith("python") else f"python benchmarks/{c}"
+                      for c in data.get("commands", [data["command"]]) if c],
              "```", "", f"Machine: {data['machine']}.", "",
              "| setting | method | ppl | x dense | " + " | ".join(short.get(t, t) for t in tasks)
              + " | mean acc | sparsity | prune CPU s |",
