@@ -16,6 +16,11 @@ Kept counts of channel groups take widths the hardware runs fast: ``round_to`` `
 integer (1: exact); see :mod:`prunegraph.passes._widths`. ``Train``'s polish trains under the plan
 this pass will make, so give both the same ``round_to`` (both default to ``auto``).
 
+A weight family (LEAP, ``site = "weight"``) finalizes to per-weight masks instead: ``topk`` is
+the exact global top-k of the logits, ``threshold`` the reference rule ``P > 0``; the zeros go
+into the weights in place, ``state.masks`` holds the :class:`~prunegraph.plan.masks.MaskSet`
+(with the per-layer table and plot in ``<run>/sparsity/``) and the plan keeps every unit.
+
 Constraints (GQA, per-expert equal widths, floors) are repaired by :meth:`Plan.from_keep` with
 the gate values as priorities. With ``fold_scales`` the kept units' continuous gate values become
 the plan's scales, so the sliced model computes exactly what the gated model computes with the
@@ -44,6 +49,8 @@ class Finalize(Pass):
     name = "Finalize"
     requires = ("model", "groups", "gate_family", "trained_gates")
     provides = ("plan",)
+    #: A weight family's result: per-weight masks (zeros in place) beside a keep-all plan.
+    may_provide = ("masks",)
 
     mode: Literal["topk", "threshold"] = "topk"
     fold_scales: bool = True
@@ -58,6 +65,8 @@ class Finalize(Pass):
         from prunegraph.plan.plan import Plan
 
         family, model = state.gate_family, state.model
+        if family.site == "weight":
+            return self._run_weights(state)
         values = {n: v.detach().float().cpu() for n, v in state.trained_gates.items()}
         widths = resolve_widths(list(state.groups), model, self.round_to)
         polished = family.polished_under(widths)
@@ -91,4 +100,33 @@ class Finalize(Pass):
         state.metrics.setdefault("finalize", {}).update(stats)
         state.log.info("Finalize (%s): %s parameters removed, %.2f%% of the gate mass cut",
                        self.mode, f"{report['params_removed']:,.0f}", 100 * stats["gate_mass_cut"])
+        return PassResult(state, modified=True, stats=stats)
+
+    def _run_weights(self, state: State) -> PassResult:
+        """A weight family (LEAP): hard masks from the logits, zeros in place, the forwards
+        removed; ``state.masks`` holds them and ``state.plan`` keeps every unit (nothing to
+        slice), so Evaluate, SaveSparse (or Slice + Save) follow as for any plan."""
+        from prunegraph.plan.plan import Plan
+
+        family, model = state.gate_family, state.model
+        masks = family.finalize(mode=self.mode)
+        if state.has("gates") and state.gates is not None:
+            state.gates.remove()
+        masks.apply_(model)
+        masks.check_pattern()
+        state.masks = masks
+        state.plan = Plan.from_keep(list(state.groups), {}, model=model)
+        if state.run_dir is not None:
+            from prunegraph.passes._sparsity_report import write_sparsity_report
+
+            write_sparsity_report(state.run_dir / "sparsity", masks)
+        per_layer = {str(k): round(v, 4) for k, v in masks.per_layer().items()}
+        stats = {"mode": self.mode, "pattern": masks.pattern,
+                 "target_sparsity": round(family.target_sparsity(), 6),
+                 "achieved_sparsity": round(masks.sparsity(), 6),
+                 "per_layer_sparsity": per_layer}
+        state.metrics.setdefault("finalize", {}).update(stats)
+        state.log.info("Finalize (%s): %.2f%% of %d masked weights zeroed (target %.2f%%)",
+                       self.mode, 100 * masks.sparsity(), masks.numel(),
+                       100 * family.target_sparsity())
         return PassResult(state, modified=True, stats=stats)

@@ -64,9 +64,11 @@ class Train(Pass, TrainFields):
 
     def run(self, state: State) -> PassResult:
         device = next(state.model.parameters()).device
-        objective = GateObjective(state.gate_family.to(device).train(), state.gates,
-                                  kd_weight=self.kd_weight, polish_steps=self.polish_steps,
-                                  model=state.model, round_to=self.round_to)
+        family = state.gate_family.to(device).train()
+        make = getattr(family, "objective", None)  # a family with its own objective (LEAP)
+        kw = dict(kd_weight=self.kd_weight, polish_steps=self.polish_steps, model=state.model)
+        objective = (make(state.gates, **kw) if make is not None
+                     else GateObjective(family, state.gates, round_to=self.round_to, **kw))
         stats = fit(state, objective, self.config)
         state.metrics.setdefault("train", {}).update(stats)
         return PassResult(state, modified=True, stats=stats)

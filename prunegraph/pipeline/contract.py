@@ -158,7 +158,8 @@ for _name, _type, _doc in (
     ("plan", "prunegraph.plan.plan.Plan",
      "which units of the base model are kept; it maps onto the model's parameters while they "
      "keep the plan's names"),
-    ("gates", "prunegraph.plan.gating.GateSet", "gates installed on the model (live values)"),
+    ("gates", "prunegraph.plan.gating.GateHandle",
+     "gates installed on the model (live values; a GateSet for unit gates)"),
     ("saved_model", "builtins.str", "the folder a pruned checkpoint was written to"),
     ("router", "builtins.dict",
      "dynamic routing a method runtime installed on the model (PrunePath's routers), as the "
