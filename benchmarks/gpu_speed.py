@@ -5,9 +5,12 @@ LlamaConfig, random bf16 weights: nothing is downloaded) and SmolLM2-135M (rando
 config on the GPU, the real weights on the CPU). Each is pruned by prunegraph's own pipeline
 pieces: ``Analyze`` on the model, then ``Prune`` (one-shot ``magnitude`` scores, ``global``
 allocation across layers and between heads and channels, so widths differ per layer) to each
-``--sparsities`` fraction of the decoder's parameters, once per ``--round-to`` (``1``: today's
-exact widths; ``64``: widths a multiple of 64 channels), and sliced with ``apply_plan``. Quality
-does not matter here: the weights are random.
+``--sparsities`` fraction of the decoder's parameters, once per ``--round-to`` (``1``: the exact
+widths the allocator gave before ``auto`` became the default; ``auto``: the default, the multiple
+prunegraph's width table gives for the device and dtype, 64 on CUDA in bf16; ``latency``: widths on
+the fast side of the GEMM latency steps measured on this device, cached under the user's cache
+folder; an integer: multiples of it), and sliced with ``apply_plan``. Quality does not matter
+here: the weights are random.
 
 Measured in one run, dense and every pruned variant the same way (:mod:`_gpu_timing`):
 
@@ -16,7 +19,7 @@ Measured in one run, dense and every pruned variant the same way (:mod:`_gpu_tim
 * greedy decode tokens/s at each ``--batches`` size: ``--new-tokens`` steps after a
   ``--prompt-len`` prompt, static KV cache, one CUDA graph per step on the GPU.
 
-``--triton 0.2:1,0.2:64`` also measures those variants with the MLPs exported by ``prunegraph
+``--triton 0.2:1,0.2:auto`` also measures those variants with the MLPs exported by ``prunegraph
 export triton`` (the Triton-or-PyTorch plan timed per shape on this GPU) and installed.
 
 Ideal speed-ups, from the models' shapes: prefill, the FLOP ratio (2 x tokens x linear weights of
@@ -24,10 +27,10 @@ the decoder, causal attention scores and values, the last token's logits); decod
 bytes read per step (every weight but the input embedding, plus the static K/V cache of the
 batch). ``x ideal`` is speed-up / ideal speed-up.
 
-GPU (one H200: about 2 minutes)::
+GPU (one H200: about 3 minutes; today's exact widths, ``auto`` and ``latency`` in one run)::
 
-    python benchmarks/gpu_speed.py --out benchmarks/results/gpu_speed_h200.json \\
-        --markdown docs/benchmarks.md
+    python benchmarks/gpu_speed.py --round-to 1,auto,latency \\
+        --out benchmarks/results/gpu_speed_h200.json --markdown docs/benchmarks.md
 
 CPU half (SmolLM2-135M with its real weights, float32; prefill 512 tokens, greedy decode; also
 times SwiGLU MLP widths to find the channel multiple the CPU runs fastest, and prunes to that
@@ -91,8 +94,10 @@ def build_model(name: str, device: str, dtype: torch.dtype, real: bool, layers: 
     return model.eval()
 
 
-def prune_plans(model: nn.Module, sparsities, round_tos) -> tuple[dict, dict]:
-    """``{(sparsity, round_to): plan}`` from Analyze + Prune(magnitude, global), and timings."""
+def prune_plans(model: nn.Module, sparsities, round_tos) -> tuple[dict, dict, dict]:
+    """``{(sparsity, round_to): plan}`` from Analyze + Prune(magnitude, global), timings, and
+    ``{(sparsity, round_to): what Prune resolved round_to to}`` (its ``metrics["prune"]
+    ["widths"]``: the multiple, device, dtype, and under ``latency`` the measured GEMM times)."""
     from prunegraph.passes.analyze import Analyze
     from prunegraph.passes.prune import Prune
     from prunegraph.pipeline.contract import State
@@ -100,15 +105,25 @@ def prune_plans(model: nn.Module, sparsities, round_tos) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     state = Analyze()(State(model=model, tokenizer=None)).state
     seconds = {"analyze": time.perf_counter() - t0}
-    plans = {}
+    plans, resolved = {}, {}
     t0 = time.perf_counter()
     for s in sparsities:
         for r in round_tos:
+            t1 = time.perf_counter()
             state = Prune(criterion="magnitude", sparsity=s, round_to=r,
                           strategy="global")(state).state
             plans[(s, r)] = state.plan
+            resolved[(s, r)] = {k: v for k, v in state.metrics["prune"]["widths"].items()
+                                if k != "source"}
+            resolved[(s, r)]["prune_seconds"] = time.perf_counter() - t1
     seconds["prune"] = time.perf_counter() - t0
-    return plans, seconds
+    return plans, seconds, resolved
+
+
+def variant_name(s: float, r, resolved: dict) -> str:
+    """``pruned 0.2 round_to=auto (64)``: a named round_to shows the multiple it resolved to."""
+    label = f"{r} ({resolved['multiple']})" if isinstance(r, str) else str(r)
+    return f"pruned {s:g} round_to={label}"
 
 
 def sliced_copy(model: nn.Module, plan) -> nn.Module:
@@ -305,16 +320,16 @@ def install_triton(model: nn.Module, folder: str, device: str) -> dict:
             "paths_per_bucket": counts}
 
 
-def run_interleaved(name, model, plans, seconds, args, device, save) -> dict:
+def run_interleaved(name, model, plans, seconds, resolved, args, device, save) -> dict:
     """Every variant in memory at once, timed by :func:`measure_interleaved`."""
     models = {"dense": model}
     for (s, r), plan in plans.items():
-        models[f"pruned {s:g} round_to={r}"] = sliced_copy(model, plan)
+        models[variant_name(s, r, resolved[(s, r)])] = sliced_copy(model, plan)
     rows = measure_interleaved(models, args, device)
     dense = rows.pop("dense")
     variants = [{"config": "dense", **dense}]
     for ((s, r), _), (config, row) in zip(plans.items(), rows.items()):
-        row.update(config=config, sparsity=s, round_to=r,
+        row.update(config=config, sparsity=s, round_to=r, round_to_resolved=resolved[(s, r)],
                    removed_fraction=1 - row["decoder_params"] / dense["decoder_params"],
                    vs_dense=compare(dense, row, args))
         variants.append(row)
@@ -330,12 +345,12 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entr
     model = build_model(name, device, dtype, real=args.real_weights, layers=args.layers,
                         vocab=args.vocab)
     built = time.perf_counter() - t0
-    plans, seconds = prune_plans(model, args.sparsities, args.round_to)
+    plans, seconds, resolved = prune_plans(model, args.sparsities, args.round_to)
     seconds["build"] = built
     print(f"{name}: built in {built:.1f}s, analyze {seconds['analyze']:.1f}s, "
           f"prune {seconds['prune']:.1f}s", flush=True)
     if args.rounds > 1:
-        return run_interleaved(name, model, plans, seconds, args, device, save)
+        return run_interleaved(name, model, plans, seconds, resolved, args, device, save)
     dense = measure(model, args, device, check_sync=args.check_sync)
     print(json.dumps({k: v for k, v in dense.items() if k != "widths"}), flush=True)
     variants = [{"config": "dense", **dense}]
@@ -354,7 +369,8 @@ def run_model(name: str, args, device: str, dtype: torch.dtype, save=lambda entr
                     extra["triton"] = install_triton(pruned, os.path.join(
                         args.kernel_dir, f"{name}_{s:g}_{r}"), device)
                 row = measure(pruned, args, device)
-                row.update(config=f"pruned {s:g} round_to={r}{kind}", sparsity=s, round_to=r,
+                row.update(config=variant_name(s, r, resolved[(s, r)]) + kind, sparsity=s,
+                           round_to=r, round_to_resolved=resolved[(s, r)],
                            removed_fraction=1 - row["decoder_params"] / dense["decoder_params"],
                            vs_dense=compare(dense, row, args), **extra)
                 print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
@@ -452,7 +468,9 @@ def markdown(result: dict, args) -> str:
              f"{result['device_name']}, torch {result['torch']}, transformers "
              f"{result['transformers']}, {result['dtype']}. Pruned by `Analyze` + `Prune("
              f"criterion=magnitude, strategy=global)` to each sparsity of the decoder's "
-             f"parameters, widths exact (`round_to=1`) or multiples of the given number; "
+             f"parameters, widths exact (`round_to=1`), multiples of the given number, `auto` "
+             f"(the default: the width table's multiple for this device and dtype, in brackets) "
+             f"or `latency` (the widths on the fast side of GEMM latency steps measured here); "
              f"{'random weights' if not args.real_weights else 'real weights'}. Prefill: one "
              f"prompt forward (no cache, last logits){' as CUDA-graph replays' if cuda else ''}; "
              f"decode: greedy, static KV cache, {args.new_tokens} steps after a "
@@ -499,7 +517,7 @@ def markdown(result: dict, args) -> str:
                   "| tokens | " + " | ".join(f"m={m}" for m in cw["multiples"]) + " |",
                   "|---|" + "---|" * len(cw["multiples"])]
         for T, row in cw["sweep"].items():
-            rel = row["speed_per_channel_vs_all_widths"]
+            rel = {int(m): v for m, v in row["speed_per_channel_vs_all_widths"].items()}
             lines.append(f"| {T} | " + " | ".join(_fmt(rel[m], 3) if m in rel else "" for m in cw["multiples"])
                          + " |")
         lines += ["", f"Width multiple the CPU wants (smallest within 2% of the best, at "
@@ -532,8 +550,10 @@ def parse(argv=None) -> argparse.Namespace:
                          "on cpu)")
     ap.add_argument("--sparsities", default=None, help="default 0.2,0.5 (cuda) / 0.2 (cpu)")
     ap.add_argument("--round-to", default=None,
-                    help="comma list of Prune round_to values (default 1,64; on the cpu also "
-                         "'measured': the width multiple the CPU sweep found)")
+                    help="comma list of Prune round_to values: integers (1: exact widths), auto "
+                         "(the default of Prune), latency (measured GEMM steps); on the cpu also "
+                         "'measured': the width multiple the CPU sweep found (default 1,auto,"
+                         "latency on cuda, 1,auto on the cpu)")
     ap.add_argument("--prefill", default=None, help="BxS list (default 1x2048,8x512 / 1x512)")
     ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,32 / 1)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256 / 64")
@@ -545,7 +565,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     ap.add_argument("--triton", default="",
-                    help="sparsity:round_to pairs (e.g. 0.2:1,0.2:64) also measured with the "
+                    help="sparsity:round_to pairs (e.g. 0.2:1,0.2:auto) also measured with the "
                          "generated Triton MLPs installed (export-time plan per shape)")
     ap.add_argument("--only-triton", action="store_true",
                     help="measure those pruned variants with Triton MLPs only (not with cuBLAS)")
@@ -565,7 +585,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.models = args.models.split(",")
     args.sparsities = [float(s) for s in (args.sparsities or ("0.2,0.5" if cuda else "0.2"))
                        .split(",")]
-    args.round_to = _round_to(args.round_to or ("1,64" if cuda else "1,64,measured"))
+    args.round_to = _round_to(args.round_to or ("1,auto,latency" if cuda else "1,auto"))
     args.triton = {(float(a), _round_to(b)[0]) for a, b in
                    (p.split(":") for p in args.triton.split(",") if p)}
     args.prefill = _shapes(args.prefill or ("1x2048,8x512" if cuda else "1x512"))

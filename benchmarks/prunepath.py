@@ -32,10 +32,12 @@ import copy
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -48,6 +50,7 @@ from prunegraph.pipeline.runfolder import atomic_write_text
 MODEL = "smollm2-135m"
 TAUS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 STATIC = ("wanda", "ddp")
+OOD = ("austen",)  # out-of-domain text, evaluated next to the held-out Wikipedia blocks
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "prunepath-smollm2.yaml"
 SECTION = "## PrunePath: τ sweep from one checkpoint vs static MLP-channel pruning (SmolLM2-135M)"
 START = time.perf_counter()
@@ -66,10 +69,18 @@ def load(name: str):
     return load_model(name)
 
 
-def held_out(tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
+def held_out(tokenizer, seq_len: int, n_blocks: int, source: str = "wikipedia") -> torch.Tensor:
     from prunegraph.data.blocks import text_blocks
 
-    return text_blocks(tokenizer, "wikipedia", "evaluation", seq_len, n_blocks)
+    return text_blocks(tokenizer, source, "evaluation", seq_len, n_blocks)
+
+
+def ood_ppl(model, tokenizer, seq_len: int, n_blocks: int) -> dict:
+    """``{"ppl_austen": ...}``: perplexity on the out-of-domain held-out text."""
+    from prunegraph.passes.evaluation.metrics import perplexity
+
+    return {f"ppl_{s}": round(perplexity(model, held_out(tokenizer, seq_len, n_blocks, s), 4,
+                                         progress=False), 4) for s in OOD}
 
 
 def load_groups(path: Path | None, model) -> list:
@@ -87,9 +98,10 @@ def load_groups(path: Path | None, model) -> list:
 
 
 def load_spec(path: Path, sets: list[str] | tuple = ()):
-    """A spec with every pass it names registered (by importing the passes package, which
-    works without the installed entry points too)."""
+    """A spec with every pass it names registered (by importing the passes and targets
+    packages, which works without the installed entry points too; ``Save`` is a target's)."""
     import prunegraph.passes  # noqa: F401  (registers the passes)
+    import prunegraph.targets  # noqa: F401  (registers the target passes: Save)
     from prunegraph.pipeline.spec import load_spec as load
 
     return load(path, sets)
@@ -108,6 +120,9 @@ def example_passes(args) -> tuple[list, int]:
     sets += [f"{p}.{k}={v}" for p in ("Evaluate", "TauSweep")
              for k, v in (("ppl_blocks", args.ppl_blocks), ("seq_len", args.seq_len))]
     sets.append(f"TauSweep.taus={args.taus}")
+    sets.append("Evaluate.gen_prompts=0")  # perplexity only: generation checks are not compared
+    sets.append(f"TauSweep.ood_sources={json.dumps(list(OOD))}")
+    sets += [f"PrunePath.{kv}" for kv in args.pp_set]
     if args.save is not None:
         sets.append(f"Save.path={args.save.resolve()}")
     spec = load_spec(EXAMPLE, sets)
@@ -177,11 +192,12 @@ def wanda_points(model, tokenizer, groups, fractions, blocks, calib_blocks: int,
         gates = apply_gates(model, channels, keep)
         try:
             ppl = perplexity(model, blocks, 4, progress=False)
+            ood = ood_ppl(model, tokenizer, blocks.shape[1], len(blocks))
         finally:
             gates.remove()
         kept = sum(int(v.sum()) for v in keep.values())
         rows.append({"fraction": f, "ffn_fraction": round(kept / sum(g.size for g in channels), 4),
-                     "ppl": round(ppl, 4)})
+                     "ppl": round(ppl, 4), **ood})
         say(f"static wanda f={f:.3f}: ppl {ppl:.3f}")
         write(rows)
     return rows
@@ -224,7 +240,9 @@ def ddp_point(fraction: float, group_dicts: list[dict], cfg: dict) -> dict:
     Slice()(state)
     ppl = perplexity(state.model, held_out(tok, cfg["seq_len"], cfg["ppl_blocks"]), 4,
                      progress=False)
+    ood = ood_ppl(state.model, tok, cfg["seq_len"], cfg["ppl_blocks"])
     return {"fraction": fraction, "ffn_fraction": round(kept / total, 4), "ppl": round(ppl, 4),
+            **ood,
             "device": cfg["device"],
             "train_tokens": train["tokens"], "train_seconds": round(seconds, 1),
             "gates_at_zero": train["achieved_sparsity"],
@@ -236,9 +254,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def ddp_points(fractions, groups, cfg: dict, write) -> list[dict]:
-    """:func:`ddp_point` at every fraction, in ``cfg["workers"]`` spawned processes when > 1,
-    spread over the GPUs when ``cfg["device"]`` is ``cuda`` on a host with several."""
+def ddp_points(fractions, groups, cfg: dict, write, pool: bool = False) -> list[dict]:
+    """:func:`ddp_point` at every fraction, in ``cfg["workers"]`` spawned processes when > 1
+    (or ``pool``), spread over the GPUs when ``cfg["device"]`` is ``cuda`` on a host with
+    several."""
     group_dicts = [g.to_dict() for g in groups]
     devices = spread(cfg["device"])
     jobs = [(f, {**cfg, "device": devices[i % len(devices)]}) for i, f in enumerate(fractions)]
@@ -251,7 +270,7 @@ def ddp_points(fractions, groups, cfg: dict, write) -> list[dict]:
             f"({row['train_seconds']} s training)")
         write(rows)
 
-    if cfg["workers"] <= 1:
+    if cfg["workers"] <= 1 and not pool:
         for f, job in jobs:
             done(ddp_point(f, group_dicts, job))
         return rows
@@ -319,18 +338,56 @@ def markdown(result: dict) -> str:
     """The docs section: setup facts, command, table, plot (the reading is written by hand)."""
     pp, st = result["prunepath"], result["static"]
     dense = pp["dense"].get("ppl")
+    ood = [s for s in OOD if all(f"ppl_{s}" in r for r in pp["sweep"])]
     lines = [SECTION, "", setup_line(result), "", method_line(result), "",
              "```", result["command"], "```", "",
-             "| τ | FFN channels touched / token | PrunePath ppl | static one-shot ppl | "
-             "static DDP ppl |", "|---|---|---|---|---|"]
+             "| τ | FFN channels touched / token | PrunePath ppl | "
+             + "".join(f"PrunePath ppl {s} | " for s in ood)
+             + "static one-shot ppl | static DDP ppl |",
+             "|---|---|---|" + "---|" * len(ood) + "---|---|"]
     if dense:
-        lines.append(f"| dense | 1.000 | {dense:.2f} | {dense:.2f} | {dense:.2f} |")
+        lines.append(f"| dense | 1.000 | {dense:.2f} | "
+                     + "".join(f"{pp['dense'].get(f'ppl_{s}', float('nan')):.2f} | "
+                               for s in ood) + f"{dense:.2f} | {dense:.2f} |")
     for r in pp["sweep"]:
         f = r["active_fraction"]
-        lines.append(f"| {r['tau']} | {f:.3f} | {r['ppl']:.2f} | {matched(st['wanda'], f)} | "
-                     f"{matched(st['ddp'], f)} |")
+        lines.append(f"| {r['tau']} | {f:.3f} | {r['ppl']:.2f} | "
+                     + "".join(f"{r[f'ppl_{s}']:.2f} | " for s in ood)
+                     + f"{matched(st['wanda'], f)} | {matched(st['ddp'], f)} |")
+    if result.get("comparisons"):
+        lines += ["", "At each static row's FFN fraction (PrunePath interpolated log-linearly "
+                  "between the two τ points around it):", "",
+                  "| static | FFN fraction | static ppl | PrunePath ppl | "
+                  + "".join(f"static ppl {s} | PrunePath ppl {s} | " for s in OOD),
+                  "|---|---|---|---|" + "---|---|" * len(OOD)]
+        for c in result["comparisons"]:
+            cells = [c["static"], f"{c['ffn_fraction']:.3f}"]
+            for key in ("ppl", *(f"ppl_{s}" for s in OOD)):
+                cells += [_num(c.get(f"static_{key}")), _num(c.get(f"prunepath_{key}"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    probe = pp.get("training", {}).get("router_probe")
+    if probe:
+        lines += ["", router_line(pp["training"])]
     lines += ["", "![PrunePath τ sweep](img/prunepath.png)", ""]
     return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def router_line(training: dict) -> str:
+    """The routers against the oracle experts, before and after training."""
+    probe = training["router_probe"]
+    parts = []
+    for label, p in probe.items():
+        parts.append(f"{label}: entropy {p['entropy']:.2f} (uniform {p['uniform_entropy']:.2f}), "
+                     f"top-1 agreement {p['top1']:.3f} (chance {p['top1_chance']:.3f}), "
+                     f"coverage {p['coverage']:.3f} at {p['active_fraction']:.3f} active")
+    init = training.get("router_init", "zero")
+    r2 = f", R² {training['init_r2']}" if "init_r2" in training else ""
+    return (f"Routers (`router_init: {init}`{r2}), on held-out tokens at τ "
+            f"{next(iter(probe.values()))['tau']}: " + "; ".join(parts) + ".")
 
 
 def setup_line(result: dict) -> str:
@@ -360,7 +417,9 @@ def method_line(result: dict) -> str:
             f"{p['train_tau']}, batches of "
             f"{p['batch_size']} × {p['block_len']} calibration tokens, router lr "
             f"{p['router_lr']}, model lr {p['lr']}, entropy {p['entropy']}, load balance "
-            f"{p['load_balance']}, {p['mode']} mode, trained weights: {p['train_scope']}"
+            f"{p['load_balance']}, {p['mode']} mode, trained weights: {p['train_scope']}, "
+            f"router init {p.get('router_init', 'zero')}, distillation {p.get('distill', 0)}"
+            + (f" (power {p['distill_power']})" if p.get("distill") else "")
             + (f", {p['lr_schedule']} lr schedule" if "lr_schedule" in p else "") + ". Static "
             "rows prune only the MLP channels, the same number in every layer.")
     if result["static"]["ddp"]:
@@ -397,10 +456,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--taus", type=floats, default=None,
                     help=f"comma-separated τ of the sweep (--train only; default {TAUS})")
     ap.add_argument("--save", type=Path, default=None, help="save the PrunePath model here")
-    ap.add_argument("--static", type=lambda s: s.split(","), default=list(STATIC),
-                    help="comma-separated static baselines: wanda, ddp")
+    ap.add_argument("--static", type=lambda s: [] if s == "none" else s.split(","),
+                    default=list(STATIC),
+                    help="comma-separated static baselines: wanda, ddp (or none)")
     ap.add_argument("--static-taus", type=floats, default=None,
                     help="only these τ points get static twins (default: every τ of the sweep)")
+    ap.add_argument("--static-fractions", type=floats, default=None,
+                    help="static rows at these FFN fractions instead of the sweep's; with "
+                         "--train on CUDA the DDP points then train while PrunePath does, and "
+                         "PrunePath's perplexity there is interpolated between sweep points")
+    ap.add_argument("--pp-set", dest="pp_set", action="append", default=[],
+                    metavar="KEY=VALUE",
+                    help="a PrunePath parameter for this run (repeatable), e.g. "
+                         "router_init=zero, distill=0 (the reference router) or "
+                         'train_tau_max=0.95')
     ap.add_argument("--ddp-steps", type=int, default=300)
     ap.add_argument("--ddp-lr", type=float, default=0.05)
     ap.add_argument("--ddp-lr-l1", dest="ddp_lr_l1", type=float, default=0.2,
@@ -427,6 +496,13 @@ def parse_args() -> argparse.Namespace:
     if args.from_run is not None and args.taus is not None:
         ap.error("--taus applies to --train only: a finished run's sweep has its own τ")
     args.taus = args.taus or TAUS
+    if args.static_fractions is not None and args.static_taus is not None:
+        ap.error("--static-fractions and --static-taus choose the static rows two ways; give one")
+    if args.from_run is not None and args.pp_set:
+        ap.error("--pp-set applies to --train only: a finished run has its own settings")
+    bad = [kv for kv in args.pp_set if "=" not in kv]
+    if bad:
+        ap.error(f"--pp-set takes KEY=VALUE, got {bad}")
     return args
 
 
@@ -434,6 +510,35 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def interpolated(sweep: list[dict], fraction: float, key: str) -> float | None:
+    """PrunePath's ``key`` perplexity at ``fraction``, log-linear between the two sweep points
+    around it (None outside the sweep's range)."""
+    rows = sorted((r for r in sweep if key in r), key=lambda r: r["active_fraction"])
+    for a, b in zip(rows, rows[1:]):
+        fa, fb = a["active_fraction"], b["active_fraction"]
+        if fa <= fraction <= fb and fb > fa:
+            w = (fraction - fa) / (fb - fa)
+            return round(math.exp((1 - w) * math.log(a[key]) + w * math.log(b[key])), 4)
+    near = [r for r in rows if abs(r["active_fraction"] - fraction) < 2e-3]
+    return near[0][key] if near else None
+
+
+def comparisons(result: dict) -> list[dict]:
+    """Every static row next to PrunePath at the same FFN fraction (interpolated), in-domain
+    and out-of-domain."""
+    sweep = result["prunepath"]["sweep"]
+    out = []
+    for name, rows in result["static"].items():
+        for r in rows:
+            row = {"static": name, "ffn_fraction": r["ffn_fraction"]}
+            for key in ("ppl", *(f"ppl_{s}" for s in OOD)):
+                if key in r:
+                    row[f"static_{key}"] = r[key]
+                    row[f"prunepath_{key}"] = interpolated(sweep, r["ffn_fraction"], key)
+            out.append(row)
+    return out
 
 
 def ddp_config(args, prunepath_params: dict, fractions: list[float]) -> dict:
@@ -459,33 +564,64 @@ def main() -> None:
     device = torch.device(args.device)
     base, tok = load(MODEL)
     groups = load_groups(args.groups, base)
-    pp = train_prunepath(args, groups, device) if args.train else from_run(args.from_run)
-    for r in pp["sweep"]:
-        say(f"PrunePath tau={r['tau']}: ppl {r['ppl']:.3f}, active {r['active_fraction']:.3f}")
-    fractions = [r["active_fraction"] for r in pp["sweep"] if r["active_fraction"] < 1
-                 and (args.static_taus is None or r["tau"] in args.static_taus)]
-    blocks = held_out(tok, args.seq_len, args.ppl_blocks)
-    result = {
-        "model": MODEL, "device": device_name(device), "device_type": device.type,
-        "torch": torch.__version__, "ppl_tokens": int(blocks.numel()), "seq_len": args.seq_len,
-        "calib_blocks": args.calib_blocks, "prunepath": pp,
-        "static": {"wanda": [], "ddp": []}, "ddp": ddp_config(args, pp["params"], fractions),
-        "ppl_falls_as_tau_rises": all(a["ppl"] >= b["ppl"]
-                                      for a, b in zip(pp["sweep"], pp["sweep"][1:])),
-        "command": "python " + " ".join(sys.argv),
-    }
+    result = {"model": MODEL, "device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "seq_len": args.seq_len,
+              "calib_blocks": args.calib_blocks, "static": {"wanda": [], "ddp": []},
+              "command": "python " + " ".join(sys.argv)}
+    lock = threading.Lock()
 
     def write(key: str | None = None, rows: list | None = None) -> None:
-        if key is not None:
-            result["static"][key] = list(rows)
-        result["seconds"] = round(time.perf_counter() - START, 1)
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        with lock:
+            if key is not None:
+                result["static"][key] = list(rows)
+            result["seconds"] = round(time.perf_counter() - START, 1)
+            if "prunepath" in result:
+                result["comparisons"] = comparisons(result)
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
+    early = None  # DDP at fixed fractions trains beside PrunePath on CUDA
+    if (args.train and args.static_fractions and "ddp" in args.static
+            and device.type == "cuda"):
+        params = next(p for p in example_passes(args)[0]
+                      if p.pass_name() == "PrunePath").params()
+        result["ddp"] = ddp_config(args, params, args.static_fractions)
+        failed: list[BaseException] = []
+
+        def train_static() -> None:
+            try:
+                ddp_points(args.static_fractions, groups, result["ddp"],
+                           lambda rows: write("ddp", rows), pool=True)  # its own process
+            except BaseException as e:  # noqa: BLE001 - raised again after the join
+                failed.append(e)
+
+        early = threading.Thread(target=train_static)
+        early.start()
+        say(f"static ddp: {len(args.static_fractions)} point(s) training beside PrunePath")
+    pp = train_prunepath(args, groups, device) if args.train else from_run(args.from_run)
+    for r in pp["sweep"]:
+        say(f"PrunePath tau={r['tau']}: ppl {r['ppl']:.3f}, active {r['active_fraction']:.3f}"
+            + "".join(f", {s} {r[f'ppl_{s}']:.3f}" for s in OOD if f"ppl_{s}" in r))
+    fractions = args.static_fractions or [
+        r["active_fraction"] for r in pp["sweep"] if r["active_fraction"] < 1
+        and (args.static_taus is None or r["tau"] in args.static_taus)]
+    blocks = held_out(tok, args.seq_len, args.ppl_blocks)
+    result.update({
+        "ppl_tokens": int(blocks.numel()), "prunepath": pp,
+        "ddp": result.get("ddp") or ddp_config(args, pp["params"], fractions),
+        "ppl_falls_as_tau_rises": all(a["ppl"] >= b["ppl"]
+                                      for a, b in zip(pp["sweep"], pp["sweep"][1:])),
+        **{f"ppl_{s}_falls_as_tau_rises": all(a[f"ppl_{s}"] >= b[f"ppl_{s}"]
+                                              for a, b in zip(pp["sweep"], pp["sweep"][1:]))
+           for s in OOD if all(f"ppl_{s}" in r for r in pp["sweep"])}})
     write()
     if "wanda" in args.static:
         wanda_points(copy.deepcopy(base).to(device), tok, groups, fractions, blocks,
                      args.calib_blocks, lambda rows: write("wanda", rows))
-    if "ddp" in args.static:
+    if early is not None:
+        early.join()
+        if failed:
+            raise failed[0]
+    elif "ddp" in args.static:
         ddp_points(fractions, groups, result["ddp"], lambda rows: write("ddp", rows))
     write()
     if args.markdown is not None:

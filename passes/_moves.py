@@ -17,6 +17,7 @@ import torch
 
 from prunegraph.ir.groups import Group
 from prunegraph.passes._param_space import ParamSpace, member_index_cost
+from prunegraph.passes._widths import Widths
 
 __all__ = ["GroupMoves", "build_moves"]
 
@@ -58,8 +59,9 @@ def _is_gqa(g: Group) -> bool:
 
 
 def build_moves(groups: Sequence[Group], scores: Mapping[str, torch.Tensor], space: ParamSpace,
-                *, strategy: str, round_to: int, top_k: int) -> list[GroupMoves]:
-    """Moves for every prunable group, with per-kind normalised keys."""
+                *, strategy: str, round_to: int | Widths, top_k: int) -> list[GroupMoves]:
+    """Moves for every prunable group, with per-kind normalised keys. ``round_to``: kept counts
+    of channel groups are multiples of an int, or those a :class:`Widths` allows."""
     stacks: dict[tuple, list[Group]] = {}
     for g in groups:
         stacks.setdefault(_signature(g, space, strategy), []).append(g)
@@ -101,8 +103,8 @@ def _costs(g: Group, space: ParamSpace) -> tuple[float, float, float]:
     return per_expert, shared, kv_block
 
 
-def _ranked_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *, round_to: int,
-                  top_k: int) -> GroupMoves | None:
+def _ranked_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *,
+                  round_to: int | Widths, top_k: int) -> GroupMoves | None:
     """Units removed lowest first; per-expert groups remove one channel in every expert."""
     g = stack[0]
     per_expert, shared, kv_block = _costs(g, space)
@@ -115,9 +117,12 @@ def _ranked_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *, rou
     r = g.constraints.round_to
     if g.kind == "experts":
         kmin = max(kmin, top_k)
-    else:
+    elif not isinstance(round_to, Widths):
         r = max(r, round_to)
-    counts = [g.size] + [k for k in range(g.size - 1, -1, -1) if k % r == 0 and k >= kmin]
+    if isinstance(round_to, Widths):  # multiples of the device's width, or the fast latencies
+        counts = round_to.counts(g, kmin)
+    else:
+        counts = [g.size] + [k for k in range(g.size - 1, -1, -1) if k % r == 0 and k >= kmin]
     vals, order = s.sort(-1)
     slot = vals.reshape(-1, g.size).sum(0)
     cum = torch.cat([torch.zeros(1, dtype=slot.dtype), torch.cumsum(slot, 0)])
@@ -134,8 +139,8 @@ def _ranked_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *, rou
     return GroupMoves(g.kind, [x.name for x in stack], scores, costs, s / unit_cost, keep)
 
 
-def _heads_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *, round_to: int,
-                 top_k: int) -> GroupMoves | None:
+def _heads_moves(stack: list[Group], s: torch.Tensor, space: ParamSpace, *,
+                 round_to: int | Widths, top_k: int) -> GroupMoves | None:
     """GQA heads: drop a whole kv group, or one query head from every kept kv group."""
     g = stack[0]
     _, q_cost, kv_cost = _costs(g, space)

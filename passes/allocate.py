@@ -13,8 +13,9 @@ keeping the group valid:
 
 * channels, experts, per-expert channels: remove the next lowest-scored unit (per-expert channel
   groups remove one channel in *every* expert, the expert's lowest, so the fused ``[E, I, H]``
-  tensor stays dense); kept counts stay multiples of ``round_to`` and at least ``min_units``
-  (experts: at least the router's top-k).
+  tensor stays dense); kept counts stay multiples of ``round_to`` (an int, or the per-group
+  counts a :class:`~prunegraph.passes._widths.Widths` allows: ``auto`` and ``latency``) and at
+  least ``min_units`` (experts: at least the router's top-k).
 * attention heads with GQA (``kv_heads`` x ``q_per_kv``): either drop a whole kv group (its kv
   head and its kept query heads) or drop one query head from *every* kept kv group, whichever has
   the lower score per parameter, so kept query heads per kv head stay equal within a layer.
@@ -54,10 +55,12 @@ from prunegraph.errors import BudgetError, PreconditionError, SpecError
 from prunegraph.ir.groups import Group
 from prunegraph.passes._moves import GroupMoves, build_moves
 from prunegraph.passes._param_space import ParamSpace, param_space, removed_params
+from prunegraph.passes._widths import Widths, resolve_widths
 from prunegraph.plan.plan import routing_top_k
 
 __all__ = [
     "STRATEGIES", "Allocation", "allocate", "check_budget", "check_sparsity", "max_removable",
+
 ]
 
 STRATEGIES = ("global", "uniform")
@@ -107,23 +110,23 @@ def _zero_scores(groups: Iterable[Group], space: ParamSpace) -> dict[str, torch.
     return out
 
 
-def _setup(groups, model, scope, strategy, round_to):
+def _setup(groups, model, scope, strategy):
     if strategy not in STRATEGIES:
         raise SpecError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
-    if int(round_to) < 1:
-        raise SpecError(f"round_to must be >= 1, got {round_to}")
     space = param_space(model, scope)
     groups = [g for g in groups if g.prunable]
     return groups, space
 
 
 def max_removable(groups: Iterable[Group], model: nn.Module, scope: str = "decoder",
-                  strategy: str = "global", round_to: int = 1) -> tuple[int, int]:
+                  strategy: str = "global", round_to: int | str | Widths = 1) -> tuple[int, int]:
     """``(most parameters the constraints let go, parameters in scope)``; no scores needed."""
-    groups, space = _setup(groups, model, scope, strategy, round_to)
+    groups = list(groups)
+    round_to = resolve_widths(groups, model, round_to)
+    groups, space = _setup(groups, model, scope, strategy)
     with _one_thread():
         units = build_moves(groups, _zero_scores(groups, space), space, strategy=strategy,
-                            round_to=int(round_to), top_k=routing_top_k(model))
+                            round_to=round_to, top_k=routing_top_k(model))
         keep = {}
         for u in units:
             keep.update(u.keep(len(u.costs)))
@@ -131,15 +134,18 @@ def max_removable(groups: Iterable[Group], model: nn.Module, scope: str = "decod
 
 
 def check_budget(groups: Iterable[Group], sparsity: float, model: nn.Module,
-                 scope: str = "decoder", strategy: str = "global", round_to: int = 1) -> float:
+                 scope: str = "decoder", strategy: str = "global",
+                 round_to: int | str | Widths = 1) -> float:
     """Validate a budget before any work; returns the sparsity as a float.
 
     Raises:
         BudgetError: ``sparsity`` outside (0, 1), or above what the constraints allow (the
-            message gives the maximum achievable sparsity).
+            message gives the maximum achievable sparsity), or an integer ``round_to`` that
+            leaves no group it applies to a smaller size.
     """
     value = check_sparsity(sparsity)
     groups = list(groups)
+    round_to = resolve_widths(groups, model, round_to)  # refuses an int no group can honour
     most, total = max_removable(groups, model, scope, strategy, round_to)
     if total == 0:
         raise BudgetError(f"scope '{scope}' holds no parameters; use scope='all'")
@@ -155,7 +161,7 @@ def check_budget(groups: Iterable[Group], sparsity: float, model: nn.Module,
 
 def allocate(groups: Iterable[Group], scores: Mapping[str, torch.Tensor], sparsity: float, *,
              model: nn.Module, scope: str = "decoder", strategy: str = "global",
-             round_to: int = 1, normalize: str = "auto") -> Allocation:
+             round_to: int | str | Widths = 1, normalize: str = "auto") -> Allocation:
     """Kept units per prunable group that remove at least ``sparsity`` of the scope's parameters.
 
     Args:
@@ -165,15 +171,18 @@ def allocate(groups: Iterable[Group], scores: Mapping[str, torch.Tensor], sparsi
         model: the model the groups belong to (only shapes and config are read; meta is fine).
         scope: ``decoder`` or ``all`` (see the module docstring).
         strategy: ``global`` or ``uniform`` (see the module docstring).
-        round_to: kept counts of channel groups are multiples of this.
+        round_to: kept counts of channel groups are multiples of this int; ``auto`` or
+            ``latency`` (:mod:`prunegraph.passes._widths`), or the counts an already resolved
+            :class:`~prunegraph.passes._widths.Widths` allows.
         normalize: ``auto``, ``kind`` or ``group``: over which units the mean score per
             parameter that normalises a unit's score is taken (see the module docstring).
     """
     if normalize not in NORMALIZE:
         raise SpecError(f"unknown normalize '{normalize}'; choose one of {', '.join(NORMALIZE)}")
     groups = list(groups)
+    round_to = resolve_widths(groups, model, round_to)
     value = check_budget(groups, sparsity, model, scope, strategy, round_to)
-    groups, space = _setup(groups, model, scope, strategy, round_to)
+    groups, space = _setup(groups, model, scope, strategy)
     missing = [g.name for g in groups if g.name not in scores]
     if missing:
         raise PreconditionError(
@@ -189,7 +198,7 @@ def allocate(groups: Iterable[Group], scores: Mapping[str, torch.Tensor], sparsi
         if normalize == "group":
             chosen = {n: s / m if (m := float(s.mean())) > 0 else s for n, s in chosen.items()}
         units = build_moves(groups, chosen, space,
-                            strategy=strategy, round_to=int(round_to), top_k=routing_top_k(model))
+                            strategy=strategy, round_to=round_to, top_k=routing_top_k(model))
         taken, keep, removed = _take(units, groups, space, target)
     stats = {
         "strategy": strategy, "scope": scope, "normalize": normalize, "total": space.total,

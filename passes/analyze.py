@@ -24,6 +24,7 @@ class Analyze(Pass):
     name = "Analyze"
     requires = ("model",)
     provides = ("graph", "analysis", "groups")
+    runs_on_meta = True  # capture and analysis read shapes only
 
     #: an op with no dimension rule is an error instead of pinning what it touches
     strict: bool = False

@@ -17,8 +17,17 @@ in-memory ones::
     Pipeline([Load("/models/qwen3-32b", device="meta"), Analyze(),
               Prune(criterion="wanda", sparsity=0.2, sequential=True)])
 
-The budget is checked before anything is loaded or run: a sparsity outside (0, 1) or above what
-the constraints allow raises :class:`~prunegraph.errors.BudgetError` with the achievable maximum.
+The budget is checked before the heavy work: a sparsity outside (0, 1) when the pass is built,
+one above what the constraints allow (or a ``round_to`` no group can honour) right after
+``Analyze`` (:meth:`Prune.check_early`; before the model loads when a meta-device analysis can
+tell, see :mod:`prunegraph.pipeline.early`), as a :class:`~prunegraph.errors.BudgetError` with the
+achievable maximum.
+
+Kept widths are ones the hardware runs fast (``round_to``, :mod:`prunegraph.passes._widths`):
+``auto`` (default) rounds channel counts to the multiple the model's device and dtype want (64 for
+bf16/fp16 on CUDA, 32 on the CPU: :mod:`prunegraph.plan.widths`), ``latency`` keeps only widths
+on the fast side of the latency steps measured on the device, an integer is taken as given (1:
+exact). What it resolved to is in ``metrics["prune"]["widths"]`` and ``<run>/widths.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prunegraph.errors import SpecError
+from prunegraph.errors import BudgetError, SpecError
+from prunegraph.passes._widths import record_widths, resolve_widths
 from prunegraph.passes.allocate import allocate, check_budget, check_sparsity
 from prunegraph.passes.importance import score_groups
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
@@ -44,6 +54,7 @@ class Prune(Pass):
     name = "Prune"
     requires = ("model", "tokenizer", "groups")
     provides = ("plan",)
+    early_needs = ("model", "groups")  # the budget is checked right after Analyze
 
     criterion: Literal["magnitude", "wanda", "taylor"] = "wanda"
     sparsity: float = 0.2
@@ -51,7 +62,7 @@ class Prune(Pass):
     scope: Literal["decoder", "all"] = "decoder"
     calib_blocks: int = 32
     block_len: int = 128
-    round_to: int = 1
+    round_to: int | Literal["auto", "latency"] = "auto"
     source: str = "wikipedia"
     batch_size: int = 4
     normalize: Literal["auto", "kind", "group"] = "auto"
@@ -60,11 +71,16 @@ class Prune(Pass):
     offload: Literal["cpu", "disk"] = "cpu"
 
     def validate(self) -> None:
-        check_sparsity(self.sparsity)
-        for key, low in (("calib_blocks", 1), ("block_len", 2), ("round_to", 1),
-                         ("batch_size", 1)):
+        from prunegraph.plan.widths import check_round_to
+
+        try:
+            check_sparsity(self.sparsity)
+        except BudgetError as e:
+            raise BudgetError(f"pass Prune: {e}") from None
+        for key, low in (("calib_blocks", 1), ("block_len", 2), ("batch_size", 1)):
             if getattr(self, key) < low:
                 raise SpecError(f"pass Prune: {key} must be >= {low}, got {getattr(self, key)}")
+        check_round_to(self.round_to, "pass Prune: round_to")
 
     def _weights(self, model) -> str:
         """The safetensors folder the sequential path reads (``weights``, else the folder the
@@ -78,11 +94,20 @@ class Prune(Pass):
                             f"none; set Prune.weights to the model's Hugging Face folder")
         return str(folder)
 
+    def check_early(self, state: State) -> None:
+        """The budget and the rounding fit the groups (before calibration or any other work)."""
+        # latency keeps a subset of auto's widths and times GEMMs (the model may still be on
+        # meta here): the early check asks only that auto's widths fit the budget
+        round_to = "auto" if self.round_to == "latency" else self.round_to
+        check_budget(list(state.groups), self.sparsity, state.model, self.scope, self.strategy,
+                     round_to)
+
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.plan import Plan
 
         model, groups = state.model, list(state.groups)
-        check_budget(groups, self.sparsity, model, self.scope, self.strategy, self.round_to)
+        widths = resolve_widths(groups, model, self.round_to)
+        check_budget(groups, self.sparsity, model, self.scope, self.strategy, widths)
         blocks = None
         if self.criterion != "magnitude":
             if state.tokenizer is None:
@@ -105,14 +130,15 @@ class Prune(Pass):
             scores = score_groups(model, groups, self.criterion, blocks=blocks,
                                   batch_size=self.batch_size, progress=bool(state.progress))
         keep = allocate(groups, scores, self.sparsity, model=model, scope=self.scope,
-                        strategy=self.strategy, round_to=self.round_to,
-                        normalize=self.normalize)
+                        strategy=self.strategy, round_to=widths, normalize=self.normalize)
         state.plan = Plan.from_keep(groups, keep, model=model, scores=scores)
+        record_widths(state, self.name, widths, groups, keep)
         stats = {k: keep.stats[k] for k in ("total", "target", "removed", "sparsity",
                                             "normalize")}
         stats.update(criterion=self.criterion, strategy=self.strategy,
                      groups=len(keep), forwards=scores.stats.get("forwards", 0),
-                     wanda_fallback=sorted(scores.stats.get("wanda_fallback", {})))
+                     wanda_fallback=sorted(scores.stats.get("wanda_fallback", {})),
+                     round_to=str(widths))
         state.metrics.setdefault("prune", {}).update(stats)
         state.log.info("Prune: removed %d of %d parameters (%.1f%%, %s, %s)", stats["removed"],
                        stats["total"], 100 * stats["sparsity"], self.criterion, self.strategy)

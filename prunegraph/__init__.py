@@ -1,20 +1,22 @@
 """prunegraph: a compiler for pruning language models."""
 
 from prunegraph.errors import *  # noqa: F401,F403
-from prunegraph.ir.capture import capture  # noqa: E402  (the function shadows its module's name)
-from prunegraph.ir.groups import Constraints, Group, Member
 
-__all__ = ["Constraints", "Group", "Member", "capture", "analyze", "load_model", "Plan", "apply_gates", "remove_gates", "apply_plan",
-           "save_pruned", "from_pretrained"]
+__all__ = ["Constraints", "Group", "Member", "capture", "analyze", "load_model", "Plan",  # noqa: F405
+           "apply_gates", "remove_gates", "apply_plan", "save_pruned", "from_pretrained"]
 
-_LAZY = {"analyze": "prunegraph.ir.analysis",
-         "load_model": "prunegraph.data.models", "Plan": "prunegraph.plan.plan", "apply_gates": "prunegraph.plan.gating",
+_LAZY = {"capture": "prunegraph.ir.capture", "Constraints": "prunegraph.ir.groups",
+         "Group": "prunegraph.ir.groups", "Member": "prunegraph.ir.groups",
+         "analyze": "prunegraph.ir.analysis",
+         "load_model": "prunegraph.data.models", "Plan": "prunegraph.plan.plan",
+         "apply_gates": "prunegraph.plan.gating",
          "remove_gates": "prunegraph.plan.gating", "apply_plan": "prunegraph.plan.slicing",
          "save_pruned": "prunegraph.plan.checkpoint", "from_pretrained": "prunegraph.plan.checkpoint"}
 
 
 def __getattr__(name: str):
-    """Import the heavier API (torch.export, transformers) on first use, not at import."""
+    """Import the API (torch, torch.export, transformers) on first use, not at import, so that
+    ``import prunegraph`` and ``prunegraph --help`` stay fast."""
     if name in _LAZY:
         import importlib
 

@@ -85,7 +85,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.tmp-"))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is private
+        _apply_umask(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.old-"))
             old.rmdir()
@@ -97,6 +97,20 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def _apply_umask(root: Path) -> None:
+    """Give a built folder and everything in it the user's umask: mkdtemp makes the folder 0700,
+    and some writers (safetensors) create private 0600 files."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:
+            path.chmod((0o666 | (path.stat().st_mode & 0o111)) & ~mask)
 
 
 def remove_path(p: Path) -> None:

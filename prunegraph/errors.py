@@ -21,7 +21,12 @@ __all__ = [
     "PlanError",
     "CheckpointError",
     "BudgetError",
+    "missing_extra",
 ]
+
+#: Optional packages and the ``prunegraph[extra]`` that installs each.
+OPTIONAL_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnx_ir": "onnx",
+                   "triton": "triton", "datasets": "datasets"}
 
 
 class PrunegraphError(Exception):
@@ -72,3 +77,13 @@ def nearest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def missing_extra(error: BaseException) -> str | None:
+    """For an ImportError of an optional package, the line that says how to install it."""
+    name = getattr(error, "name", None) or ""
+    extra = OPTIONAL_EXTRAS.get(name.split(".")[0]) if isinstance(error, ImportError) else None
+    if extra is None:
+        return None
+    return (f"this needs the optional package {name.split('.')[0]!r}: "
+            f"pip install 'prunegraph[{extra}]'")

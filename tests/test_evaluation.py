@@ -244,8 +244,9 @@ def test_eval_command_checks_arguments_before_loading(monkeypatch, over, match):
         fn(args)
 
 
-def test_eval_command_needs_a_tokenizer():
-    fn, args = _args(model="random:llama", ppl_blocks=1, seq_len=8)
+def test_eval_command_needs_a_tokenizer(monkeypatch, model):
+    monkeypatch.setattr("prunegraph.data.models.load_model", lambda spec: (model, None))
+    fn, args = _args(model="folder-without-tokenizer", ppl_blocks=1, seq_len=8)
     with pytest.raises(PrunegraphError, match="without a tokenizer"):
         fn(args)
 

@@ -48,12 +48,29 @@ def test_topk_budget_is_tight(corpus):
 def test_threshold_keeps_exactly_the_positive_gates(corpus):
     state = _trained("llama", corpus, steps=30)
     values = state.trained_gates
-    Finalize(mode="threshold")(state)
+    Finalize(mode="threshold", round_to=1)(state)
     for pg in state.plan.groups:
         v = values[pg.name]
         if pg.group.kind == "channels":
             assert set(pg.keep.tolist()) == set(torch.nonzero(v > 0).flatten().tolist())
             assert torch.allclose(pg.scales, v[pg.keep])
+
+
+def test_threshold_under_auto_keeps_the_nearest_aligned_count_of_the_best_gates(corpus):
+    from prunegraph.passes._widths import resolve_widths
+
+    state = _trained("llama", corpus, steps=30)
+    values = state.trained_gates
+    widths = resolve_widths(state.groups, state.model, "auto")
+    Finalize(mode="threshold")(state)
+    for pg in state.plan.groups:
+        v = values[pg.name]
+        if pg.group.kind == "channels":
+            r = widths.multiples[pg.name]
+            positive = int((v > 0).sum())
+            assert r > 1 and pg.kept % r == 0 and abs(pg.kept - positive) <= r / 2
+            ranked = torch.argsort(v, descending=True, stable=True)[:pg.kept]
+            assert set(pg.keep.tolist()) == set(ranked.tolist())
 
 
 def test_units_budget_removes_the_fraction_per_kind(corpus):

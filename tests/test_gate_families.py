@@ -85,7 +85,8 @@ def test_builtin_families_are_registered_with_their_options():
     families = registered_families()
     assert families["ddp"] is DDPGates and families["ddp"].options_type is DDPOptions
     assert families["hard_concrete"].options_type is HardConcreteOptions
-    assert all(cls.site == "unit" for cls in families.values())
+    assert {n: cls.site for n, cls in families.items()} == {
+        "ddp": "unit", "hard_concrete": "unit", "leap": "weight"}
     with pytest.raises(SpecError, match="unknown gate family 'ddpp'.*Did you mean 'ddp'"):
         family_class("ddpp")
 

@@ -81,3 +81,21 @@ def test_cache_keyword_is_a_forward_argument():
 
     model = _model(False)
     assert cache_keyword(model) in inspect.signature(model.forward).parameters
+
+
+def test_compiled_decoder_tokens_equal_hf_greedy():
+    """The step compiled by torch.compile (dynamo with the eager backend here) decodes the same
+    tokens; the compilation happens once, before the timed steps."""
+    model = _model(True)
+    prompt = torch.randint(3, 250, (2, 5), generator=torch.Generator().manual_seed(2))
+    want = eager_greedy(model, prompt, 6)
+    use_graph_attention(model)
+    decoder = GreedyDecoder(model, 2, 5, 6, compile="eager")
+    try:
+        tokens, _ = decoder.generate(prompt)
+        assert torch.equal(tokens, want) and decoder.compile_seconds > 0
+        first = decoder.compile_seconds
+        assert torch.equal(decoder.generate(prompt)[0], want)
+        assert decoder.compile_seconds == first  # not compiled again
+    finally:
+        decoder.close()

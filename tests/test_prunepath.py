@@ -141,7 +141,7 @@ def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
     result = PrunePath(warmup_steps=2, train=dict(steps=4, batch_size=2, block_len=16), lr=0.0,
                        router_lr=1e-2, tau=0.8)(state)
     routers = pp.routers(model)
-    assert all(r.weight.abs().sum() > 0 for r in routers)  # zero-initialised, then trained
+    assert all(r.weight.abs().sum() > 0 for r in routers)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, ffn_before)  # lr=0
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, attn_before)
     stages = result.state.metrics["prunepath"]["stages"]
@@ -154,7 +154,7 @@ def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
     state2 = MoEfy(group_size=12, iters=5)(State(model=model2, groups=list(groups_of("llama")),
                                                  tokenizer=make_tokenizer())).state
     PrunePath(warmup_steps=1, train=dict(steps=2, batch_size=2, block_len=16), lr=1e-3,
-              router_lr=0.0, router_decay=0.0)(state2)
+              router_lr=0.0, router_decay=0.0, router_init="zero")(state2)
     assert all(r.weight.abs().sum() == 0 for r in pp.routers(model2))
     assert not torch.equal(model2.model.layers[0].mlp.up_proj.weight,
                            fresh("llama").model.layers[0].mlp.up_proj.weight)

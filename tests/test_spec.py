@@ -410,3 +410,14 @@ def test_spec_is_frozen_and_compares_without_source(tmp_path):
     b = load_spec(yaml.safe_load(GOOD))
     assert a == b and a.source != b.source
     assert isinstance(a, Spec)
+
+
+def test_nested_overrides_change_one_training_setting():
+    from prunegraph.pipeline.spec import apply_overrides
+
+    data = {"passes": ["Analyze", {"Train": {"train": {"steps": 5, "batch_size": 3}}}]}
+    out = apply_overrides(data, ["Train.train.steps=7", "passes.1.train.block_len=16"])
+    assert out["passes"][1] == {"Train": {"train": {"steps": 7, "batch_size": 3, "block_len": 16}}}
+    assert data["passes"][1]["Train"]["train"]["steps"] == 5
+    with pytest.raises(SpecError, match=r"train.steps is 7, not a mapping"):
+        apply_overrides(out, ["Train.train.steps.x=1"])

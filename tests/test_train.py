@@ -64,6 +64,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, corpus, family
 def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     """The polish fixes Finalize's choice on the gates the search ended with; the kept gates
     still move, the removed ones end at 0, Finalize then keeps that set, sliced equals gated."""
+    from prunegraph.passes._widths import resolve_widths
     from prunegraph.passes.finalize import Finalize
     from prunegraph.passes.slice import Slice
 
@@ -86,7 +87,12 @@ def test_polish_trains_under_the_finalize_choice(tmp_path, corpus, arch):
     for name, value in trained.items():
         assert torch.equal(value != 0, planned[name] != 0)
         assert torch.equal(value != 0, at_start[name] != 0)
-    assert abs(lines[-1]["achieved_sparsity"] - fam.target_sparsity()) < 0.02
+    # the budget holds up to one move of the coarsest group (auto: multiples of the device's width)
+    widths = resolve_widths(fam.groups, state.model, "auto")
+    pool = sum(g.params_per_unit * trained[g.name].numel() for g in fam.groups)
+    move = max(widths.multiples.get(g.name, 1) * g.params_per_unit * trained[g.name].numel()
+               / g.size for g in fam.groups) / pool
+    assert -0.02 < lines[-1]["achieved_sparsity"] - fam.target_sparsity() < 0.02 + move
     assert any(not torch.equal(seen[8][n].detach(), seen[-1][n].detach()) for n in trained)
     x = ids()
     with torch.no_grad():

@@ -19,7 +19,7 @@ from prunegraph.pipeline.pipeline import pass_from_entry
 
 def test_train_parameters_are_the_configuration_fields_plus_the_objective():
     names = [f.name for f in Train.param_fields()]
-    assert names == [*TrainConfig.field_names(), "kd_weight", "polish_steps"]
+    assert names == [*TrainConfig.field_names(), "kd_weight", "polish_steps", "round_to"]
     defaults = Train.param_defaults()
     assert {k: defaults[k] for k in TrainConfig.field_names()} == TrainConfig().to_dict()
     train = Train(steps=30, batch_size=2, lr_schedule="constant", checkpoint_dir="ckpt")

@@ -7,7 +7,8 @@ trains it and ``Finalize`` asks it for its plan, none of them knowing which fami
 
 Modules: :mod:`.base` (the interface), :mod:`.options` (typed options), :mod:`.registry`,
 :mod:`.units` (the base of unit families: augmented-Lagrangian budget, values -> kept units),
-:mod:`.ddp`, :mod:`.hard_concrete`, :mod:`.insert` (the ``Gate`` pass).
+:mod:`.ddp`, :mod:`.hard_concrete`, :mod:`.leap` (weight gates; its objective in
+:mod:`.leap_objective`), :mod:`.insert` (the ``Gate`` pass).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prunegraph.passes.gates.hard_concrete import (  # noqa: E402
     HardConcreteOptions,
 )
 from prunegraph.passes.gates.insert import Gate  # noqa: E402
+from prunegraph.passes.gates.leap import LeapGates, LeapOptions  # noqa: E402
 from prunegraph.passes.gates.options import FamilyOptions
 from prunegraph.passes.gates.registry import (
     describe_families,
@@ -39,6 +41,7 @@ from prunegraph.passes.gates.registry import (
 from prunegraph.passes.gates.units import LagrangianOptions, UnitGates
 
 __all__ = ["GateFamily", "UnitGates", "FamilyOptions", "LagrangianOptions", "DDPGates",
-           "DDPOptions", "HardConcreteGates", "HardConcreteOptions", "Gate", "register_family",
+           "DDPOptions", "HardConcreteGates", "HardConcreteOptions", "LeapGates", "LeapOptions",
+           "Gate", "register_family",
            "family_class", "registered_families", "make_family", "describe_families", "SITES",
            "BUDGETS", "CONSTRAINT_SCOPES", "DEFAULT_KINDS", "check_fraction"]

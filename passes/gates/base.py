@@ -201,12 +201,20 @@ class GateFamily(nn.Module):
     # -- finalizing ------------------------------------------------------------------------
 
     def finalize(self, values: dict[str, torch.Tensor], *, mode: str = "topk",
-                 model: nn.Module | None = None, round_to: int = 1,
+                 model: nn.Module | None = None, round_to: Any = "auto",
                  fold_scales: bool = True) -> FinalChoice:  # pragma: no cover - abstract
         """The family's result from final ``values`` (CPU float): ``mode`` ``topk`` (exactly
         the budget) or ``threshold`` (every nonzero value kept); kept values folded as scales
-        when ``fold_scales``; unit counts multiples of ``round_to`` where the budget allows."""
+        when ``fold_scales``; unit counts on the widths ``round_to`` allows (``auto``,
+        ``latency``, an int or a resolved :class:`~prunegraph.passes._widths.Widths`) where the
+        budget allows."""
         raise NotImplementedError
+
+    def polished_under(self, widths: Any) -> str | None:
+        """The ``round_to`` Train's polish trained under, when it differs from the resolved
+        ``widths`` Finalize uses (the plan is then chosen again); None when they agree or there
+        was no polish."""
+        return None
 
     def achieved_sparsity(self) -> float:
         """Budget-weighted fraction removed if training stopped now (final value 0)."""

@@ -8,9 +8,11 @@
 The family (any registered one: ``prunegraph passes Gate`` lists them with their options) is
 built here with the budget; its own settings go in ``options`` (DDP: ``mu0``, ``mu_T``,
 ``init_std``; hard-concrete: ``temperature``, ``init_keep``; both: the multipliers' ``lr_l1``,
-``lr_l2``, ``lr_l3``, ``dual_schedule``), a mapping in specs or the family's options dataclass
-in Python. Everything is checked at construction: an unknown family, a sparsity outside (0, 1),
-an unknown option or one of the wrong type.
+``lr_l2``, ``lr_l3``, ``dual_schedule``; LEAP: ``pattern``, ``alpha``, ``tau``, ``lambda1``,
+``prior_strength`` ...), a mapping in specs or the family's options dataclass in Python. A family
+with an ``initialise`` method (LEAP: logits from a one-shot Wanda mask) gets the model and the
+tokenizer before its gates are installed. Everything is checked at construction: an unknown
+family, a sparsity outside (0, 1), an unknown option or one of the wrong type.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ class Gate(Pass):
         cls = family_class(self.family)
         check_fraction(self.sparsity)
         cls.check_settings(budget=self.budget, scope=self.scope, kinds=self.kinds)
-        self.family_options()
+        options = self.family_options()
+        check_sparsity = getattr(cls, "check_sparsity", None)  # options that fix the sparsity
+        if check_sparsity is not None:
+            check_sparsity(self.sparsity, options)
         if self.lr is not None and self.lr <= 0:
             raise SpecError(f"pass Gate: lr must be > 0, got {self.lr}")
 
@@ -86,6 +91,9 @@ class Gate(Pass):
         family = cls(list(state.groups), self.sparsity, state.model, self.family_options(),
                      budget=self.budget, scope=self.scope, kinds=self.kinds, lr=self.lr,
                      seed=self.seed)
+        init = getattr(family, "initialise", None)  # a weight family starts from a mask
+        init_stats = init(state.model, state.get("tokenizer"), bool(state.progress)) if init \
+            else {}
         device = next(state.model.parameters()).device
         family.to(device).eval()
         state.gates = family.install(state.model)
@@ -93,7 +101,7 @@ class Gate(Pass):
         values = state.gates.values
         units = sum(v.numel() for v in values.values())
         stats = {"family": self.family, "groups": len(values), "units": units,
-                 "target_sparsity": round(family.target_sparsity(), 6)}
+                 "target_sparsity": round(family.target_sparsity(), 6), **init_stats}
         state.log.info("Gate: %s gates on %d groups (%d units), target %.1f%% of the gated pool",
                        self.family, len(values), units, 100 * family.target_sparsity())
         return PassResult(state, modified=True, stats=stats)

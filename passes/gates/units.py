@@ -46,6 +46,11 @@ only grow.
   ``budget='units'`` each kind loses ``sparsity`` of its units (heads ``floor(sparsity * H)``
   per group), ranked by value globally or per group. This is DDP's evaluation path.
 * ``threshold``: keep every unit whose value is above 0 (DDP's released slicing script).
+
+Kept counts of channel groups take the widths ``round_to`` allows (:mod:`prunegraph.passes._widths`:
+``auto`` by default, the device's multiple). ``params`` goes through the allocator, which honours
+them exactly; ``units`` removes at least its unit count per kind with moves of allowed sizes (less
+than one move over); ``threshold`` takes each group's allowed count nearest to its nonzero gates.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from torch import nn
 
 from prunegraph.errors import BudgetError, SpecError
 from prunegraph.ir.groups import Group
+from prunegraph.passes._widths import Widths, resolve_widths
 from prunegraph.passes.gates.base import BUDGETS, CONSTRAINT_SCOPES, GateFamily
 from prunegraph.passes.gates.options import FamilyOptions
 from prunegraph.plan.gating import gate_shape
@@ -146,6 +152,7 @@ class UnitGates(GateFamily):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.gates = nn.ParameterDict()
         self.init_gates()
+        self.committed = None  # the plan Train's polish trained under (see commit)
 
     @classmethod
     def check_settings(cls, *, budget: str, scope: str, kinds: tuple[str, ...]) -> None:
@@ -284,28 +291,64 @@ class UnitGates(GateFamily):
 
     # -- finalizing ------------------------------------------------------------------------
 
+    def commit(self, keep: dict[str, torch.Tensor], widths: Widths) -> None:
+        """Fix the ``topk`` result: Train's polish trained under this plan (made with
+        ``widths``), and re-allocating its values could pick another plan of equal budget (the
+        allocator trims overshoot with other moves). :meth:`keep` returns it for values that
+        are zero outside it, when asked with the same widths."""
+        self.committed = (widths.key(self.groups), str(widths),
+                          {n: k.cpu() for n, k in keep.items()})
+
+    def polished_under(self, widths: Widths) -> str | None:
+        """The ``round_to`` the polish trained under when it differs from ``widths`` (then
+        :meth:`keep` chooses again), else None."""
+        if self.committed is None or self.committed[0] == widths.key(self.groups):
+            return None
+        return self.committed[1]
+
+    def _committed_for(self, values: dict[str, torch.Tensor], widths: Widths):
+        if self.committed is None or self.committed[0] != widths.key(self.groups):
+            return None
+        keep = self.committed[2]
+        for g in self.groups:
+            v = values[g.name]
+            inside = torch.zeros(v.shape, dtype=torch.bool)
+            inside.scatter_(-1, keep[g.name].to(torch.long), True)
+            if bool((v[~inside] != 0).any()):
+                return None
+        return {g.name: _order_by(keep[g.name], values[g.name]) for g in self.groups}
+
     def keep(self, values: dict[str, torch.Tensor], mode: str = "topk", model=None,
-             round_to: int = 1) -> dict[str, torch.Tensor]:
-        """Kept units per gated group (priority order) from final ``values``."""
+             round_to: int | str | Widths = "auto") -> dict[str, torch.Tensor]:
+        """Kept units per gated group (priority order) from final ``values``, kept counts of
+        channel groups on the widths ``round_to`` allows."""
         if mode not in FINALIZE_MODES:
             raise SpecError(f"unknown finalize mode '{mode}'; choose one of "
                             f"{', '.join(FINALIZE_MODES)}")
         groups = self.groups
+        widths = resolve_widths(groups, model, round_to)
         if mode == "threshold":
-            return {g.name: _keep_count(g, values[g.name], float((values[g.name] > 0).sum()))
-                    for g in groups}
+            return {g.name: _keep_count(g, values[g.name], float((values[g.name] > 0).sum()),
+                                        widths) for g in groups}
+        committed = self._committed_for(values, widths)
+        if committed is not None:
+            return committed
         if self.budget == "params":
             from prunegraph.passes.allocate import allocate
 
             strategy = "global" if self.scope == "global" else "uniform"
             alloc = allocate(groups, {g.name: values[g.name] for g in groups}, self.sparsity,
-                             model=model, scope="decoder", strategy=strategy, round_to=round_to)
+                             model=model, scope="decoder", strategy=strategy, round_to=widths)
             return {g.name: _order_by(alloc[g.name], values[g.name]) for g in groups}
         keep = {}
         for c in self.constraints:
             if self.scope == "group" or len(c.groups) == 1:
                 for g, t in zip(c.groups, c.targets):
-                    keep[g.name] = _keep_count(g, values[g.name], t * values[g.name].numel())
+                    keep[g.name] = _keep_count(g, values[g.name], t * values[g.name].numel(),
+                                               widths)
+                continue
+            if not widths.exact_for(c.groups):
+                keep.update(_keep_units(c, values, widths))
                 continue
             flat = torch.cat([values[g.name].reshape(-1).float() for g in c.groups])
             n_keep = round(sum(t * values[g.name].numel() for g, t in zip(c.groups, c.targets)))
@@ -321,7 +364,7 @@ class UnitGates(GateFamily):
         return keep
 
     def finalize(self, values: dict[str, torch.Tensor], *, mode: str = "topk", model=None,
-                 round_to: int = 1, fold_scales: bool = True):
+                 round_to: int | str | Widths = "auto", fold_scales: bool = True):
         """The :class:`~prunegraph.plan.plan.Plan` of :meth:`keep`, constraints (GQA, per-expert
         equal widths, floors) repaired with the values as priorities, kept values as scales if
         ``fold_scales``."""
@@ -341,13 +384,51 @@ def _rank(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(values.float(), descending=True, stable=True)[:k]
 
 
-def _keep_count(group: Group, values: torch.Tensor, k: float) -> torch.Tensor:
-    """Top units by value: ``[k]``, or ``[experts, k]`` with one shared ``k`` per expert."""
+def _keep_count(group: Group, values: torch.Tensor, k: float,
+                widths: Widths | None = None) -> torch.Tensor:
+    """Top units by value: ``[k]``, or ``[experts, k]`` with one shared ``k`` per expert; ``k``
+    moved to the nearest count ``widths`` allows."""
+    rows = values.shape[0] if values.dim() == 2 else 1
+    k = min(group.size, max(_floor(group), round(k / rows)))
+    if widths is not None:
+        k = widths.nearest(group, k)
     if values.dim() == 2:
-        k = min(group.size, max(_floor(group), round(k / values.shape[0])))
         return torch.stack([_rank(row, k) for row in values])
-    k = min(group.size, max(_floor(group), round(k)))
     return _rank(values, k)
+
+
+def _keep_units(c: Constraint, values: dict[str, torch.Tensor],
+                widths: Widths) -> dict[str, torch.Tensor]:
+    """A ``units`` budget over several groups with rounded widths: moves of allowed sizes
+    (each group's lowest values first), taken in order of mean value until at least the
+    constraint's units are removed (less than one move over, as the parameter allocator)."""
+    from prunegraph.passes.allocate import _fill
+
+    keys, costs, owner, counts, rows = [], [], [], [], []
+    for i, g in enumerate(c.groups):
+        v = values[g.name].float().reshape(-1, g.size)  # [rows (experts), size]
+        rows.append(v.shape[0])
+        allowed = widths.counts(g, _floor(g))
+        low = v.sort(-1).values.sum(0)  # per rank, lowest first, summed over rows
+        cum = torch.cat([torch.zeros(1), torch.cumsum(low.double(), 0)])
+        removed = [g.size - k for k in allowed]
+        cost = torch.tensor([(b - a) * v.shape[0] for a, b in zip(removed, removed[1:])],
+                            dtype=torch.float64)
+        score = torch.tensor([float(cum[b] - cum[a]) for a, b in zip(removed, removed[1:])],
+                             dtype=torch.float64)
+        if len(cost):
+            keys.append(torch.cummax(score / cost, 0).values)
+            costs.append(cost)
+            owner.append(torch.full((len(cost),), i, dtype=torch.long))
+        counts.append(allowed)
+    goal = sum(values[g.name].numel() * (1 - t) for g, t in zip(c.groups, c.targets))
+    taken = [0] * len(c.groups)
+    if keys:
+        keys, costs, owner = torch.cat(keys), torch.cat(costs), torch.cat(owner)
+        order = torch.sort(keys, stable=True).indices
+        taken = _fill(costs[order], owner[order], len(c.groups), round(goal)).tolist()
+    return {g.name: _keep_count(g, values[g.name], counts[i][taken[i]] * rows[i])
+            for i, g in enumerate(c.groups)}
 
 
 def _order_by(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from prunegraph.plan.extensions import CheckpointExtension, register_extension
 __all__ = [
     "MODES", "ROUTER_ATTR", "Router", "topp_gates", "install", "remove", "is_installed", "spec",
     "set_tau", "get_tau", "set_mode", "routers", "active_fraction", "reset_stats", "regularisers",
-    "router_param_names", "check_tau", "check_mode", "kernel_weights",
+    "router_param_names", "check_tau", "check_mode", "kernel_weights", "gate_weight",
 ]
 
 MODES = ("exclusive", "inclusive")
@@ -103,10 +103,18 @@ class Router(nn.Module):
         self._gates: torch.Tensor | None = None
         self.entropy: torch.Tensor | None = None
         self.balance: torch.Tensor | None = None
+        # oracle experts (prunegraph.passes.prunepath.oracle): off unless ``observing``
+        self.down_role: tuple[str, int, int] | None = None  # consumer attr, dim, offset
+        self.observing, self.passthrough, self.distill_power = False, False, 1.0
+        self.distill: torch.Tensor | None = None
+        self.collect: list | None = None
+        self._x: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.channels_touched, self.tokens = 0.0, 0
+        self.oracle_tokens, self.top1_hits, self.coverage_sum = 0, 0.0, 0.0
 
     def route(self, x: torch.Tensor) -> None:
         """Score the FFN input; keep gates for the consumer hook and the regularisers."""
@@ -121,9 +129,21 @@ class Router(nn.Module):
                 keep.reshape(-1, self.experts).float() @ sizes.float()).sum()
             self.tokens += keep.numel() // self.experts
         self._gates = gates
+        if self.observing:
+            self._x, self._keep = x.detach(), keep
 
-    def scale(self, h: torch.Tensor) -> torch.Tensor:
-        """``h`` with each channel multiplied by its expert's gate."""
+    def down_weight(self, consumer: nn.Module) -> torch.Tensor:
+        """The MLP's down weight ``[H, I]``, read from its consumer module."""
+        if self.down_role is None:
+            raise PrunegraphError("this PrunePath router does not know its MLP's down weight "
+                                  "(a layout without weight roles); re-run MoEfy")
+        attr, dim, offset = self.down_role
+        along = getattr(consumer, attr).narrow(dim, offset, self.width)
+        return along if dim == 1 else along.t()
+
+    def scale(self, h: torch.Tensor, consumer: nn.Module | None = None) -> torch.Tensor:
+        """``h`` with each channel multiplied by its expert's gate (``consumer``: the module
+        that reads ``h``, for the oracle terms while ``observing``)."""
         if self._gates is None:
             raise PrunegraphError("the PrunePath consumer ran before its router; the MLP's "
                                   "producer and consumer modules must run in that order")
@@ -131,6 +151,13 @@ class Router(nn.Module):
             raise PrunegraphError(f"the PrunePath consumer input has {h.shape[-1]} channels but "
                                   f"the router was built for {self.width}; re-run MoEfy")
         gates, self._gates = self._gates, None
+        if self.observing:
+            from prunegraph.passes.prunepath.oracle import observe
+
+            observe(self, h, self.down_weight(consumer))
+            self._x = self._keep = None
+        if self.passthrough:
+            return h
         per_channel = gates.repeat_interleave(self.sizes.to(gates.device), dim=-1)
         return (h.float() * per_channel).to(h.dtype)
 
@@ -172,20 +199,52 @@ def install(model: nn.Module, layers: list[dict[str, Any]], tau: float = 1.05,
         hidden = _hidden(producer, ref)
         router = Router(hidden, entry["width"], entry["group_size"], tau, mode,
                         device=ref.device, dtype=ref.dtype)
+        router.down_role = _down_role(entry, consumer)
         parent_path, _, attr = entry["router"].rpartition(".")
         _module(model, parent_path).add_module(attr, router)
 
         def pre_producer(_mod, args, router=router):
             router.route(args[0])
 
-        def pre_consumer(_mod, args, router=router):
-            return (router.scale(args[0]),) + tuple(args[1:])
+        def pre_consumer(mod, args, router=router):
+            return (router.scale(args[0], mod),) + tuple(args[1:])
 
         handles.append(producer.register_forward_pre_hook(pre_producer))
         handles.append(consumer.register_forward_pre_hook(pre_consumer))
         out.append(router)
     model._prunepath = {"layers": [dict(e) for e in layers], "routers": out, "handles": handles}
     return out
+
+
+def _along(model: nn.Module, entry: dict[str, Any], role: str) -> torch.Tensor:
+    """The ``role`` weight (``gate``, ``up``, ``down``) of a MoEfy layout entry, ``[I, H]`` for
+    gate and up, ``[H, I]`` for down (views of the model's parameters)."""
+    info = entry["weights"][role]
+    p = model.get_parameter(info["param"])
+    along = p.narrow(info["dim"], info["offset"], entry["width"])
+    if role == "down":
+        return along if info["dim"] == 1 else along.t()
+    return along.movedim(info["dim"], 0)
+
+
+def _down_role(entry: dict[str, Any], consumer: nn.Module) -> tuple[str, int, int] | None:
+    """Where the consumer module keeps the down weight (attribute, dim along the channels,
+    offset): from the layout's weight roles, else a ``Linear`` consumer's weight; None if
+    neither is known."""
+    info = entry.get("weights", {}).get("down")
+    if info is not None and info["param"].rpartition(".")[0] == entry["consumer"]:
+        return info["param"].rpartition(".")[2], info["dim"], info["offset"]
+    if isinstance(consumer, nn.Linear) and consumer.in_features == entry["width"]:
+        return "weight", 1, 0
+    return None
+
+
+def gate_weight(model: nn.Module, entry: dict[str, Any]) -> torch.Tensor:
+    """The MLP's gate (first producer) weight ``[I, H]`` of a MoEfy layout entry."""
+    if "gate" not in entry.get("weights", {}):
+        raise PrunegraphError(f"{entry.get('group')}: the layout has no weight roles; re-run "
+                              f"MoEfy")
+    return _along(model, entry, "gate")
 
 
 def _hidden(producer: nn.Module, ref: torch.Tensor) -> int:
@@ -293,12 +352,7 @@ def kernel_weights(model: nn.Module) -> list[dict[str, Any]]:
             raise PrunegraphError(f"{entry['group']} is not a gated (SwiGLU) MLP or was MoEfied "
                                   f"without weight roles; the Triton PrunePath kernels need "
                                   f"gate, up and down weights (re-run MoEfy)")
-        w = {}
-        for role, info in roles.items():
-            p = model.get_parameter(info["param"])
-            along = p.narrow(info["dim"], info["offset"], entry["width"])
-            w[role] = along if role == "down" and info["dim"] == 1 else (
-                along.t() if role == "down" else along.movedim(info["dim"], 0))
+        w = {role: _along(model, entry, role) for role in roles}
         out.append({"mlp": entry["router"].rpartition(".")[0], "wr": router.weight,
                     "wg": w["gate"], "wu": w["up"], "wd": w["down"],
                     "group_size": entry["group_size"], "tau": router.tau, "mode": router.mode})

@@ -1,8 +1,10 @@
 """The ``PrunePath`` and ``TauSweep`` passes: routers on the MoEfied MLPs, two-stage training,
 and a τ sweep from one checkpoint (methods.md §3).
 
-``PrunePath`` installs a zero-initialised router per MLP of ``moe_layout``
-(:mod:`prunegraph.passes.prunepath.router`) and trains in two stages, as in the reference code (§3.4):
+``PrunePath`` installs a router per MLP of ``moe_layout``
+(:mod:`prunegraph.passes.prunepath.router`), gives it a starting point and a target
+(:mod:`prunegraph.passes.prunepath.oracle`) and trains in two stages, as in the reference code
+(§3.4):
 
 1. the first ``warmup_steps`` at ``warmup_tau`` (> 1: every expert on, gates ``sigmoid(r_e)``),
    so the FFN weights absorb the initial 0.5 gate scale and the router starts to learn;
@@ -12,7 +14,22 @@ and a τ sweep from one checkpoint (methods.md §3).
    the weights to that sparsity, and the checkpoint is meant to serve every τ set after loading.
 
 The loss is next-token cross-entropy on the calibration split plus ``entropy`` × the mean
-router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²``. Router and
+router entropy (sparsity pressure) plus ``load_balance`` × ``E Σ_e mean(p_e)²`` plus
+``distill`` × ``KL(q || p)``, where ``q ∝ n_e^distill_power`` and ``n_e`` is the norm of expert
+``e``'s part of the dense FFN output for that token (the *oracle experts*; on the router only).
+
+The router is not learned from zero as in the reference code, where on SmolLM2 it stayed near
+uniform (docs/benchmarks.md): ``router_init: fit`` (default) first sets each router to the ridge
+regression of the oracle's logits ``distill_power · log n_e`` on the FFN input, over
+``init_blocks`` calibration blocks run through the dense model; ``centroid`` sets row ``e`` to
+the mean gate row of its channels (scaled to the same spread). ``router_init: zero`` with
+``distill: 0`` is the reference behaviour, kept for comparison. Every training forward also
+measures the routers against the oracle: per step, ``top1`` (the router's most probable expert
+is the token's largest-norm expert) and ``coverage`` (the selected experts' norm mass over that
+of the oracle's same number of experts), in ``metrics.jsonl`` and the stage summaries; before and
+after training, ``router_probe`` evaluates entropy, top-1 agreement and coverage at ``tau`` on
+``probe_blocks`` held-out blocks of 512 tokens. With ``train.steps = 0`` nothing is fit or
+probed. Router and
 model weights (all of them, the FFNs included) are trained with AdamW in two parameter groups:
 ``router_lr`` / ``router_decay`` (1e-3 / 1e-2) and ``lr`` / 0 (1e-4), the released values.
 ``train_scope: router`` freezes the model weights (only the routers learn).
@@ -40,7 +57,9 @@ only, ``lr_warmup`` was ``train.warmup``); a spec (or an older run folder's ``sp
 still uses them runs the same, with a warning that gives the new spelling.
 
 ``state.metrics["prunepath"]["stages"]`` summarises each stage (first, last and mean
-cross-entropy, last router entropy, mean fraction of FFN channels touched per token).
+cross-entropy, last router entropy, mean fraction of FFN channels touched per token, mean top-1
+agreement, coverage and distillation term); ``router_init``/``init_r2`` and ``router_probe``
+(``init``, ``trained``) sit beside it.
 After the pass, ``state.model`` is still the user's module, with its ``requires_grad`` flags:
 ``prunegraph.passes.prunepath.router.set_tau(model, 0.7)`` changes τ at any time, ``Save`` writes it and
 ``prunegraph.from_pretrained`` rebuilds it with its routers.
@@ -61,6 +80,7 @@ from torch import nn
 
 from prunegraph.errors import SpecError
 from prunegraph.passes.prunepath import router as pp
+from prunegraph.passes.prunepath.oracle import distill_loss, init_routers, oracle_stats, probe
 from prunegraph.passes.prunepath.router import active_fraction, reset_stats, set_tau
 from prunegraph.passes.train.config import TrainConfig, check_settings
 from prunegraph.passes.train.loop import fit
@@ -94,7 +114,7 @@ class PrunePathObjective:
     name = "prunepath"
     teacher = None
     kd_weight = 0.0
-    shown = ("tau", "active_fraction")
+    shown = ("tau", "active_fraction", "top1")
 
     #: Every trained tensor is the model's (no module of its own to checkpoint).
     module = None
@@ -102,14 +122,20 @@ class PrunePathObjective:
     def __init__(self, model: nn.Module, spec: PrunePath) -> None:
         self.model, self.spec = model, spec
         self._names = pp.router_param_names(model)
+        for r in pp.routers(model):  # oracle terms every training forward (distillation, stats)
+            r.observing, r.distill_power = True, spec.distill_power
         reset_stats(model)
 
     # The trained tensors are looked up when asked, not kept: the loop may shard the model
     # (FSDP replaces its parameters) and gives the plain ones back after training.
 
     @property
+    def routers(self) -> list[nn.Module]:
+        return pp.routers(self.model)
+
+    @property
     def router_weights(self) -> list[nn.Parameter]:
-        return [r.weight for r in pp.routers(self.model)]
+        return [r.weight for r in self.routers]
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
@@ -133,7 +159,8 @@ class PrunePathObjective:
 
     def config(self) -> dict[str, Any]:
         keys = ("mode", "warmup_steps", "warmup_tau", "train_tau", "train_tau_max", "lr",
-                "router_lr", "router_decay", "entropy", "load_balance", "train_scope")
+                "router_lr", "router_decay", "entropy", "load_balance", "train_scope",
+                "router_init", "init_blocks", "distill", "distill_power")
         return {"objective": self.name, "routers": sorted(pp.router_param_names(self.model)),
                 **{k: getattr(self.spec, k) for k in keys}}
 
@@ -155,15 +182,19 @@ class PrunePathObjective:
 
     def penalty(self, step: int, total: int) -> tuple[torch.Tensor, dict[str, float]]:
         h, b = pp.regularisers(self.model)
-        return (self.spec.entropy * h + self.spec.load_balance * b,
-                {"entropy": float(h.detach()), "balance": float(b.detach())})
+        d = distill_loss(self.routers)
+        return (self.spec.entropy * h + self.spec.load_balance * b + self.spec.distill * d,
+                {"entropy": float(h.detach()), "balance": float(b.detach()),
+                 "distill": float(d.detach())})
 
     def post_step(self, step: int, total: int) -> dict[str, Any]:
-        """The step's stage, τ and fraction of FFN channels touched (statistics restart)."""
+        """The step's stage, τ, fraction of FFN channels touched and agreement with the oracle
+        experts (top-1, coverage; statistics restart)."""
         label, tau = self.stage(step)
         frac = active_fraction(self.model)
+        oracle = oracle_stats(self.routers)
         reset_stats(self.model)
-        return {"stage": label, "tau": tau, "active_fraction": frac}
+        return {"stage": label, "tau": tau, "active_fraction": frac, **oracle}
 
     def state_dict(self) -> dict[str, Any]:
         return {"params": {n: p.detach() for n, p in self.params.items()}}
@@ -176,6 +207,8 @@ class PrunePathObjective:
     def finish(self, state: State, history: list[dict[str, Any]],
                plots: Path | None) -> dict[str, Any]:
         """Per-stage summaries (``stages``) from the step records."""
+        for r in self.routers:
+            r.observing, r.distill = False, None
         stages = [_summary(label, rows) for label in STAGES
                   if (rows := [h for h in history if h["stage"] == label])]
         for s in stages:
@@ -221,14 +254,17 @@ def _summary(label: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "loss_first": round(ce[0], 4), "loss_last": round(ce[-1], 4),
             "loss_mean": round(sum(ce) / len(ce), 4),
             "entropy_last": round(rows[-1]["entropy"], 4),
-            "active_fraction": round(sum(r["active_fraction"] for r in rows) / len(rows), 4)}
+            "active_fraction": round(sum(r["active_fraction"] for r in rows) / len(rows), 4),
+            **{f"{k}_mean": round(sum(r[k] for r in rows) / len(rows), 4)
+               for k in ("top1", "coverage", "distill") if k in rows[0]}}
 
 
 @register_pass
 @dataclass(frozen=True)
 class PrunePath(Pass):
-    """Install PrunePath routers on the MoEfied MLPs and train them (dense warm-up for the first
-    ``warmup_steps``, then sparse at ``train_tau``) with the training loop under ``train``;
+    """Install PrunePath routers on the MoEfied MLPs, start them at ``router_init`` and train
+    them (dense warm-up for the first ``warmup_steps``, then sparse at ``train_tau``; distilled
+    toward the oracle experts with weight ``distill``) with the training loop under ``train``;
     ``tau`` is the τ left set afterwards."""
 
     name = "PrunePath"
@@ -248,6 +284,11 @@ class PrunePath(Pass):
     entropy: float = 3e-4
     load_balance: float = 1e-3
     train_scope: Literal["all", "router"] = "all"
+    router_init: Literal["zero", "centroid", "fit"] = "fit"
+    init_blocks: int = 16
+    distill: float = 1.0
+    distill_power: float = 1.0
+    probe_blocks: int = 2
     train: TrainConfig = TRAINING
 
     def __post_init__(self) -> None:
@@ -289,9 +330,17 @@ class PrunePath(Pass):
             raise SpecError(f"PrunePath.warmup_steps must lie in [0, train.steps] (the dense "
                             f"stage is the start of the run), got {self.warmup_steps} with "
                             f"train.steps {self.train.steps}")
-        for key in ("lr", "router_lr", "router_decay", "entropy", "load_balance"):
+        for key in ("lr", "router_lr", "router_decay", "entropy", "load_balance", "distill",
+                    "init_blocks", "probe_blocks"):
             if getattr(self, key) < 0:
                 raise SpecError(f"PrunePath.{key} must be >= 0, got {getattr(self, key)}")
+        if self.router_init != "zero" and self.init_blocks < 1:
+            raise SpecError(f"PrunePath.router_init {self.router_init!r} reads calibration "
+                            f"tokens: init_blocks must be >= 1, got {self.init_blocks}")
+        if not self.distill_power > 0:
+            raise SpecError(f"PrunePath.distill_power must be > 0 (the target is proportional "
+                            f"to the experts' output norms to this power), got "
+                            f"{self.distill_power}")
 
     def run(self, state: State) -> PassResult:
         model = state.model
@@ -301,19 +350,61 @@ class PrunePath(Pass):
                             "with one, or set train.steps=0")
         pp.install(model, state.moe_layout, tau=self.warmup_tau, mode=self.mode)
         start = time.perf_counter()
+        init, probes = {}, {}
+        if total_steps:
+            init = self._init(state)
+            probes["init"] = self._probe(state)
         trained = self._train(state) if total_steps else {}
+        if total_steps:
+            probes["trained"] = self._probe(state)
         set_tau(model, self.tau)
         reset_stats(model)
         model.eval()
         state.router = pp.spec(model)
         record = {"experts": pp.routers(model)[0].experts, "mode": self.mode, "tau": self.tau,
                   "train_tokens": trained.get("tokens", 0),
-                  "resumed_at": trained.get("resumed_at", 0),
+                  "resumed_at": trained.get("resumed_at", 0), **init,
+                  "router_probe": {k: v for k, v in probes.items() if v},
                   "stages": trained.get("stages", []),
                   "seconds": round(time.perf_counter() - start, 1)}
         state.metrics["prunepath"] = record
         return PassResult(state, modified=True,
                           stats={k: v for k, v in record.items() if k != "stages"})
+
+    def _init(self, state: State) -> dict[str, Any]:
+        """The routers' starting weights (``router_init``), from ``init_blocks`` calibration
+        blocks of the training source (a seeded draw) run through the dense FFNs."""
+        from prunegraph.data.blocks import text_blocks
+
+        model = state.model
+        blocks = None
+        if self.router_init != "zero":
+            blocks = text_blocks(state.tokenizer, self.train.source, "calibration",
+                                 self.train.block_len, self.init_blocks, seed=self.train.seed)
+        gates = [pp.gate_weight(model, e) for e in state.moe_layout] if (
+            self.router_init == "centroid") else [None] * len(state.moe_layout)
+        summary = init_routers(model, pp.routers(model), gates, self.router_init, blocks,
+                               self.train.batch_size, self.distill_power)
+        state.log.info("PrunePath: routers initialised: %s", summary)
+        return summary
+
+    def _probe(self, state: State) -> dict[str, float]:
+        """Router quality on ``probe_blocks`` held-out blocks at ``tau`` (entropy, top-1
+        agreement and coverage of the oracle experts); empty when ``probe_blocks`` is 0."""
+        if not self.probe_blocks:
+            return {}
+        from prunegraph.data.blocks import text_blocks
+
+        blocks = text_blocks(state.tokenizer, self.train.source, "evaluation", 512,
+                             self.probe_blocks)
+        before = pp.get_tau(state.model)
+        set_tau(state.model, self.tau)
+        try:
+            out = probe(state.model, pp.routers(state.model), blocks, self.train.batch_size)
+        finally:
+            set_tau(state.model, before)
+        state.log.info("PrunePath router probe at tau %s: %s", self.tau, out)
+        return {"tau": self.tau, **out}
 
     def _train(self, state: State) -> dict[str, Any]:
         """Both stages as one run of the loop; the model's ``requires_grad`` flags are given
@@ -328,8 +419,10 @@ class PrunePath(Pass):
 
 
 def sweep(model: nn.Module, blocks: torch.Tensor, taus: list[float], batch_size: int = 4,
-          progress: bool = False) -> list[dict[str, float]]:
-    """Held-out perplexity and active FFN fraction at each τ; τ is restored afterwards."""
+          progress: bool = False, ood: dict[str, torch.Tensor] | None = None
+          ) -> list[dict[str, float]]:
+    """Held-out perplexity and active FFN fraction at each τ (and ``ppl_<name>`` on each
+    out-of-domain set of blocks in ``ood``); τ is restored afterwards."""
     from prunegraph.passes.evaluation.metrics import perplexity
 
     before = pp.get_tau(model)
@@ -341,6 +434,9 @@ def sweep(model: nn.Module, blocks: torch.Tensor, taus: list[float], batch_size:
             ppl = perplexity(model, blocks, batch_size, progress)
             rows.append({"tau": float(tau), "ppl": round(ppl, 4),
                          "active_fraction": round(active_fraction(model), 4)})
+            for name, other in (ood or {}).items():
+                rows[-1][f"ppl_{name}"] = round(perplexity(model, other, batch_size, progress),
+                                                4)
     finally:
         set_tau(model, before)
         reset_stats(model)
@@ -351,7 +447,8 @@ def sweep(model: nn.Module, blocks: torch.Tensor, taus: list[float], batch_size:
 @dataclass(frozen=True)
 class TauSweep(Pass):
     """Evaluate one PrunePath checkpoint at several τ: ``metrics["sweep"]`` gets
-    ``{"tau", "ppl", "active_fraction"}`` per τ (held-out split, ``ppl_blocks`` × ``seq_len``)."""
+    ``{"tau", "ppl", "active_fraction"}`` per τ (held-out split, ``ppl_blocks`` × ``seq_len``),
+    and ``ppl_<source>`` for each of ``ood_sources`` (out-of-domain text such as ``austen``)."""
 
     name = "TauSweep"
     requires = ("model", "tokenizer", "router")  # from PrunePath, or Load of a PrunePath folder
@@ -361,9 +458,16 @@ class TauSweep(Pass):
     ppl_blocks: int = 16
     seq_len: int = 512
     source: str = "wikipedia"
+    ood_sources: tuple[str, ...] = ()
     batch_size: int = 4
 
     def validate(self) -> None:
+        from prunegraph.data.text import source_key
+
+        keys = [source_key(s) for s in (self.source, *self.ood_sources)]
+        if len(set(keys)) != len(keys):
+            raise SpecError(f"TauSweep: the text sources {[self.source, *self.ood_sources]} "
+                            f"repeat one; name each source once")
         if not self.taus:
             raise SpecError("TauSweep.taus is empty; give at least one τ, e.g. [0.5, 0.7, 0.9]")
         for t in self.taus:
@@ -374,10 +478,14 @@ class TauSweep(Pass):
 
     def run(self, state: State) -> PassResult:
         from prunegraph.data.blocks import text_blocks
+        from prunegraph.data.text import source_key
 
         blocks = text_blocks(state.tokenizer, self.source, "evaluation", self.seq_len,
                              self.ppl_blocks)
-        rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress))
+        ood = {source_key(s): text_blocks(state.tokenizer, s, "evaluation", self.seq_len,
+                                          self.ppl_blocks) for s in self.ood_sources}
+        rows = sweep(state.model, blocks, list(self.taus), self.batch_size, bool(state.progress),
+                     ood)
         state.metrics["sweep"] = rows
         for r in rows:
             state.log.info("TauSweep: tau=%.2f ppl=%.3f active=%.3f", r["tau"], r["ppl"],

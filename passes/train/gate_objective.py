@@ -7,7 +7,8 @@ the family's interface (:class:`~prunegraph.passes.gates.base.GateFamily`) is ca
 With ``polish_steps`` the run has two phases. The *search* (the first ``total - polish_steps``
 steps, over which the family anneals) is the method as published. At the start of the *polish*
 the family's values are turned into the exact result Finalize would make
-(:meth:`GateFamily.finalize` with ``mode="topk"``); from then on the removed units are held at 0
+(:meth:`GateFamily.finalize` with ``mode="topk"`` and the same ``round_to``, so the polish trains
+on the widths Finalize will keep); from then on the removed units are held at 0
 and the kept gates train on without the budget terms, on a fresh cosine, so they learn to make up
 for the units that the search left small but not yet at 0. Still only gates train. Without it
 the gates rarely reach the budget inside a short run and Finalize's cut is the first time the
@@ -30,13 +31,20 @@ from prunegraph.pipeline.contract import State
 __all__ = ["GateObjective"]
 
 
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    """Indices where ``mask`` is nonzero: ``[k]``, or ``[rows, k]`` (equal counts per row)."""
+    if mask.dim() == 1:
+        return torch.nonzero(mask.cpu()).flatten()
+    return torch.stack([torch.nonzero(row.cpu()).flatten() for row in mask])
+
+
 class GateObjective:
     """A gate family as an :class:`~prunegraph.passes.train.objective.Objective`; see the module
     docstring. ``gates`` is the installed handle (``state.gates``), ``model`` the gated model
     (for budgets counted in parameters)."""
 
     def __init__(self, family, gates, kd_weight: float = 2.0, polish_steps: int = 0,
-                 model=None) -> None:
+                 model=None, round_to="auto") -> None:
         self.family, self.gates = family, gates
         self.name = family.name
         self.kd_weight = float(kd_weight)
@@ -44,6 +52,8 @@ class GateObjective:
         self.shown = ("achieved_sparsity", *family.progress_keys())
         self.polish_steps, self.model = polish_steps, model
         self.mask: dict[str, torch.Tensor] | None = None
+        self.round_to = round_to
+        self.widths = None  # the resolved widths of the polish plan
 
     @property
     def module(self) -> torch.nn.Module:
@@ -51,7 +61,8 @@ class GateObjective:
         return self.family
 
     def config(self) -> dict[str, Any]:
-        return {**self.family.config(), "polish_steps": self.polish_steps}
+        polish = {"round_to": self.round_to} if self.polish_steps else {}
+        return {**self.family.config(), "polish_steps": self.polish_steps, **polish}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.family.param_groups()
@@ -82,7 +93,15 @@ class GateObjective:
     def _polish_mask(self) -> dict[str, torch.Tensor]:
         final = self.family.final_values()
         values = {n: v.detach().float().cpu() for n, v in final.items()}
-        planned = self.family.finalize(values, mode="topk", model=self.model).gate_values()
+        from prunegraph.passes._widths import resolve_widths
+        from prunegraph.pipeline import distributed
+
+        groups = getattr(self.family, "groups", [])
+        # rank 0's widths on every rank: round_to: latency times each rank's own GPU, and the
+        # ranks must polish under one plan
+        self.widths = distributed.broadcast(resolve_widths(groups, self.model, self.round_to))
+        planned = self.family.finalize(values, mode="topk", model=self.model,
+                                       round_to=self.widths).gate_values()
         # on the gates' device and dtype once, so the per-forward multiply moves nothing
         return {n: (planned[n] != 0).to(v.device, v.dtype) for n, v in final.items()}
 
@@ -138,6 +157,12 @@ class GateObjective:
         fam = self.family
         fam.eval()
         final = self._masked(fam.final_values())
+        if self.mask is not None and hasattr(fam, "commit"):  # Finalize keeps the polished plan
+            from prunegraph.passes._widths import resolve_widths
+
+            if self.widths is None:  # resumed inside the polish
+                self.widths = resolve_widths(getattr(fam, "groups", []), self.model, self.round_to)
+            fam.commit({n: _kept(m) for n, m in self.mask.items()}, self.widths)
         self.gates.values.update({n: v.detach() for n, v in final.items()})
         state.trained_gates = final
         target = fam.target_sparsity()
@@ -149,12 +174,14 @@ class GateObjective:
                  "achieved_sparsity": round(self._achieved(), 6),
                  "expected_sparsity": round(last.get("expected_sparsity", float("nan")), 6),
                  "steps_to_target": reached}
+        if self.widths is not None:
+            stats["round_to"] = str(self.widths)
         if plots is not None:
             fam.write_plots(plots, history, final)
         how = f"target reached at step {reached}" if reached else "target not reached"
         if self.polish_steps:
             how = (f"{how} by the search; the last {self.polish_steps} steps polished under "
-                   f"the exact plan")
+                   f"the exact plan (round_to={self.widths or self.round_to})")
         state.log.info("Train: %s achieved sparsity %.3f (target %.3f), %s", fam.name,
                        stats["achieved_sparsity"], target, how)
         return stats

@@ -13,7 +13,9 @@ grad_accum`` blocks of ``block_len`` tokens from the *calibration* split of ``so
 (:func:`prunegraph.data.blocks.text_blocks`; a seeded permutation, so step ``t`` always sees the
 same blocks) and minimises, per micro-batch::
 
-    CE(student) + objective.kd_weight * KL(teacher || student) + objective.penalty(step)
+    ce_weight * CE(student) + objective.kd_weight * KL(teacher || student) + objective.penalty(step)
+
+(``ce_weight`` is 1 unless the objective sets it; Distill's may be 0.)
 
 The learning rate warms up linearly for ``warmup`` steps, then follows a cosine to 0 (or stays:
 ``lr_schedule: constant``, or an optimizer group marked ``schedule: constant``, the DDP
@@ -88,11 +90,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine",
     return 0.5 * (1.0 + math.cos(math.pi * min(step - start, span) / span))
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || student)`` per token, averaged over tokens (temperature 1)."""
-    s = F.log_softmax(student.float(), dim=-1)
-    t = F.log_softmax(teacher.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+            ) -> torch.Tensor:
+    """``T² · KL(softmax(teacher / T) || softmax(student / T))`` per token, averaged over
+    tokens. The ``T²`` keeps the gradient's scale independent of ``T`` (Hinton et al., 2015);
+    at ``T = 1`` it is the plain KL."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
 
 
 def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "train"
@@ -105,7 +110,7 @@ def fit(state: State, objective: Objective, config: TrainConfig, subdir: str = "
             the checkpoint, no tokenizer; all before any work.
         TrainingHalted: ``halt_after`` steps were run (the checkpoint is written).
     """
-    if objective.kd_weight > 0 and objective.teacher is None:
+    if objective.kd_weight > 0 and not _has_teacher(objective):
         raise SpecError(f"pass Train: the {objective.name} objective has no teacher to "
                         f"distill from; set kd_weight=0 (got {objective.kd_weight})")
     folder = Path(state.run_dir) / subdir if state.run_dir is not None else None
@@ -289,21 +294,38 @@ def _autocast(config: TrainConfig, device: torch.device) -> AbstractContextManag
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _has_teacher(objective: Objective) -> bool:
+    return objective.teacher is not None or getattr(objective, "teacher_logits", None) is not None
+
+
+def _teacher_logits(model, objective: Objective, ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits for ``ids``: the objective's own teacher model when it has one
+    (``teacher_logits``, Distill's dense model), else ``model`` under ``objective.teacher()``."""
+    own = getattr(objective, "teacher_logits", None)
+    if own is not None:
+        return own(ids)
+    with objective.teacher():
+        return model(ids).logits[:, :-1]
+
+
 def _micro(model, objective: Objective, config: TrainConfig, ids: torch.Tensor, step: int
            ) -> tuple[dict[str, float], dict[str, float]]:
     """Forward(s) and backward of one micro-batch; its loss parts and penalty stats."""
     autocast = _autocast(config, ids.device)
     teacher = None
     if objective.kd_weight > 0:
-        with objective.teacher(), torch.no_grad(), autocast:
-            teacher = model(ids).logits[:, :-1]
+        with torch.no_grad(), autocast:
+            teacher = _teacher_logits(model, objective, ids)
     objective.before_forward(step, config.steps)
     with autocast:
         logits = model(ids).logits[:, :-1]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    kl = kd_loss(logits, teacher) if teacher is not None else None
+    kl = (kd_loss(logits, teacher, getattr(objective, "temperature", 1.0))
+          if teacher is not None else None)
     penalty, stats = objective.penalty(step, config.steps)
-    loss = ce + penalty if kl is None else ce + objective.kd_weight * kl + penalty
+    ce_weight = getattr(objective, "ce_weight", 1.0)
+    data = ce_weight * ce if kl is None else ce_weight * ce + objective.kd_weight * kl
+    loss = data + penalty
     (loss / config.grad_accum).backward()
     return ({"ce": float(ce.detach()), "kl": float(kl.detach()) if kl is not None else 0.0,
              "loss": float(loss.detach())}, stats)

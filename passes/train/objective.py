@@ -5,11 +5,16 @@ step ``t`` of ``total`` it runs, per micro-batch: the teacher forward under ``te
 when ``kd_weight > 0``), ``before_forward(t, total)``, the student forward, ``penalty(t, total)``
 (after the forward, so it may read that forward's activations) and the backward of::
 
-    CE(student) + kd_weight * KL(teacher || student) + penalty
+    ce_weight * CE(student) + kd_weight * KL(teacher || student) + penalty
 
-then the optimizer step and ``post_step(t, total)``. Objectives so far:
+then the optimizer step and ``post_step(t, total)``. Three members are optional, with the
+loop's defaults: ``ce_weight`` (1), ``temperature`` of the KL (1, see
+:func:`~prunegraph.passes.train.loop.kd_loss`) and ``teacher_logits(ids)``, the logits of a
+teacher that is another model (Distill's dense model, :mod:`prunegraph.passes.distill`); without
+it the teacher is the model itself under ``teacher()``. Objectives so far:
 :class:`~prunegraph.passes.train.gate_objective.GateObjective` (any gate family: DDP,
-hard-concrete) and ``PrunePathObjective`` (:mod:`prunegraph.passes.prunepath.training`).
+hard-concrete), ``PrunePathObjective`` (:mod:`prunegraph.passes.prunepath.training`) and
+``DistillObjective`` (:mod:`prunegraph.passes.distill.objective`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class Objective(Protocol):
     """A method as the loop sees it; see the module docstring."""
 
     name: str
-    #: A context in which the model is its own teacher, or None (no distillation possible).
+    #: A context in which the model is its own teacher, or None (no distillation possible,
+    #: unless the objective has ``teacher_logits``).
     teacher: Callable[[], AbstractContextManager] | None
     #: Weight of ``KL(teacher || student)``; must be 0 without a teacher.
     kd_weight: float

@@ -18,9 +18,8 @@ import json
 import logging
 import time
 
+from prunegraph.atomic import atomic_write_text
 from prunegraph.cli.main import command
-from prunegraph.ir.analysis import analyze, report
-from prunegraph.pipeline.runfolder import atomic_write_text
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -34,9 +33,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="an op with no dimension rule is an error (default: its spaces are pinned)")
 
 
-@command("inspect", "Show the prunable groups prunegraph discovers in a model.", _configure)
+@command("inspect", "show the prunable groups prunegraph discovers in a model", _configure)
 def inspect_command(args) -> int:
     from prunegraph.data.models import load_model
+    from prunegraph.ir.analysis import analyze, report
 
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import shlex
 
 from prunegraph.cli.main import command
 from prunegraph.errors import SpecError
@@ -34,7 +35,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
                    help="override a value: model=random:llama, passes.1.sparsity=0.3, "
                         "Prune.sparsity=0.3 (repeatable)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DIR even when it is not empty and not a prunegraph run folder")
+                   help="replace DIR even when it is not empty and not a prunegraph run folder "
+                        "(a previous run folder is replaced only once the new run succeeded)")
     p.add_argument("--no-progress", action="store_true", help="no per-pass lines on stderr")
     p.add_argument("--checks", action="store_true",
                    help="run the invariant checks between passes (gates at 1 equal the model, "
@@ -59,15 +61,26 @@ def run_command(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched():
         return distributed.relaunch(args.nproc, _argv_without_nproc(args))
     distributed.init()
+    command_line = shlex.join(["prunegraph", *getattr(args, "argv", [])]) or None
     if not distributed.is_main():  # rank 0 writes the run folder and prints
-        spec.run(None, progress=False, checks=args.checks or None)
+        spec.run(None, progress=False, checks=args.checks or None, command=command_line)
         distributed.shutdown()  # not on an error: the rank exits and torchrun stops the others
         return 0
+    from prunegraph.pipeline.summary import summary_table
+    from prunegraph.plan.model_card import loading_note
+
     print(f"pipeline {args.spec}:")
     print(spec.describe(), flush=True)
-    spec.run(folder, progress=not args.no_progress, checks=args.checks or None)
+    state = spec.run(folder, progress=not args.no_progress, checks=args.checks or None,
+                     command=command_line)
     distributed.shutdown()
-    print(f"done; results in {folder.path}/ (spec.yaml, metrics.json, log.txt)")
+    print()
+    print(summary_table(state.metrics["summary"]))
+    saved = state.get("saved_model")
+    if saved:
+        print(loading_note(saved))
+    print(f"done; results in {folder.path}/ (spec.yaml, metrics.json, log.txt"
+          + (", model/" if folder.model_dir.is_dir() else "") + ")")
     return 0
 
 
@@ -118,6 +131,9 @@ def describe_pass(cls: type[Pass], full: bool = False) -> str:
                      f"({'; '.join(sorted(set(cls.invalidates.values())))})")
     if cls.guarantees:
         lines.append(f"    checked: {', '.join(cls.guarantees)} (with --checks)")
+    if cls.early_needs:
+        lines.append(f"    checked early: as soon as the state holds {', '.join(cls.early_needs)} "
+                     f"(before the heavy passes in between)")
     if full:
         keys = declared_keys()
         for key in dict.fromkeys((*cls.requires, *cls.provides, *cls.may_provide)):
@@ -127,7 +143,41 @@ def describe_pass(cls: type[Pass], full: bool = False) -> str:
     for k, default in cls.param_defaults().items():
         tail = "(required)" if default is dataclasses.MISSING else f"= {default!r}"
         lines.append(f"    {k}: {type_name(types_[k])} {tail}")
+        values = _VALUES.get(k)
+        if values is not None and "str" in type_name(types_[k]):
+            lines.append(f"        values: {values()}")
     more = getattr(cls, "parameter_help", None)  # a pass's nested settings, gate families ...
     if callable(more):
         lines.extend(f"    {line}" for line in more(full))
     return "\n".join(lines)
+
+
+def _sources() -> str:
+    from prunegraph.data.text import BUILTIN_SOURCES
+
+    return (f"{', '.join(BUILTIN_SOURCES)} (built in); a .txt/.jsonl file or a folder of them; "
+            f"hf:NAME[:CONFIG][:SPLIT] (a datasets name, online)")
+
+
+def _tasks() -> str:
+    from prunegraph.data.tasks import BUILTIN_TASKS
+
+    return f"{', '.join(BUILTIN_TASKS)} (built in); or a BIG-bench task JSON file"
+
+
+def _models() -> str:
+    from prunegraph.data.models import META_CONFIGS, RANDOM_CONFIGS, SMOLLM2_ALIAS
+
+    return (f"{SMOLLM2_ALIAS}; random:{{{','.join(RANDOM_CONFIGS)}}} (tiny, random weights); a "
+            f"local HF folder or .gguf file; a run folder; a Hub id owner/name (online). "
+            f"(meta:{{{','.join(META_CONFIGS)}}} only in `prunegraph inspect`)")
+
+
+#: Values of string parameters that the core knows, by parameter name (shown by `passes`).
+_VALUES = {
+    "source": _sources,
+    "tasks": _tasks,
+    "model": _models,
+    "device": lambda: "auto (the GPU when there is one), cpu, cuda, cuda:N",
+    "kinds": lambda: "heads, channels, experts, expert_channels, shared_expert_channels",
+}

@@ -223,11 +223,20 @@ def token_blocks(tokenizer: Any, docs: Sequence[Document], block_len: int = 512,
     blocks by a seeded draw without replacement, returned in stream order; ``None`` returns all.
 
     Raises:
-        PrunegraphError: bad ``block_len``/``n_blocks``, no documents, or too little text.
+        PrunegraphError: bad ``block_len``/``n_blocks``, a ``block_len`` beyond the tokenizer's
+            ``model_max_length`` (the model's context, see
+            :func:`prunegraph.data.models.load_model`), no documents, or too little text.
     """
     if not isinstance(block_len, int) or block_len < 2:
         raise PrunegraphError(f"block_len must be an integer >= 2 (one token to predict needs a "
                               f"context of one), got {block_len!r}")
+    context = getattr(tokenizer, "model_max_length", None)
+    if isinstance(context, int) and 1 < context < block_len:
+        raise PrunegraphError(
+            f"blocks of {block_len} tokens are longer than the model's context of {context} "
+            f"tokens (its tokenizer's model_max_length): the model cannot see that far, so a "
+            f"perplexity over them means nothing; use a block length (seq_len, --seq-len) of "
+            f"at most {context}")
     if n_blocks is not None and (not isinstance(n_blocks, int) or n_blocks < 1):
         raise PrunegraphError(f"n_blocks must be a positive integer or None, got {n_blocks!r}")
     if not docs:

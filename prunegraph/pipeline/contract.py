@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from prunegraph.errors import (
+    BudgetError,
     PassError,
     PostconditionError,
     PreconditionError,
@@ -157,7 +158,8 @@ for _name, _type, _doc in (
     ("plan", "prunegraph.plan.plan.Plan",
      "which units of the base model are kept; it maps onto the model's parameters while they "
      "keep the plan's names"),
-    ("gates", "prunegraph.plan.gating.GateSet", "gates installed on the model (live values)"),
+    ("gates", "prunegraph.plan.gating.GateHandle",
+     "gates installed on the model (live values; a GateSet for unit gates)"),
     ("saved_model", "builtins.str", "the folder a pruned checkpoint was written to"),
     ("router", "builtins.dict",
      "dynamic routing a method runtime installed on the model (PrunePath's routers), as the "
@@ -280,6 +282,27 @@ class Pass:
     def validate(self) -> None:
         """Override to check parameter values (ranges, combinations); raise :class:`SpecError`."""
 
+    def check_inputs(self) -> None:
+        """Override to check, cheaply, what the pass will read from outside the pipeline (a
+        model name, a file, a folder); raise :class:`SpecError`. :meth:`Pipeline.run` calls it
+        for every pass before the run folder is created or any pass runs."""
+
+    #: Whether the pass works on a model on the meta device (shapes only, no values), so that
+    #: :func:`prunegraph.pipeline.early.meta_preflight` may run it before anything loads.
+    runs_on_meta: ClassVar[bool] = False
+    #: State keys :meth:`check_early` reads (empty: the pass has no early check).
+    early_needs: ClassVar[tuple[str, ...]] = ()
+
+    def check_early(self, state: State) -> None:
+        """Override to refuse, before the heavy passes, a run this pass would fail later.
+
+        The pipeline calls it once, as soon as the state holds every key in ``early_needs``
+        and no pass between there and this one replaces or invalidates them (for ``Prune``:
+        right after ``Analyze``, so an impossible budget fails before a dense evaluation);
+        raise :class:`~prunegraph.errors.PrunegraphError` with the fix. It must not change
+        the state.
+        """
+
     def run(self, state: State) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {type(self).__name__} does not implement run(state)")
 
@@ -301,7 +324,11 @@ class Pass:
         except PrunegraphError:
             raise
         except Exception as e:
-            raise PassError(f"pass {self.pass_name()} failed: {type(e).__name__}: {e}") from e
+            from prunegraph.errors import missing_extra
+
+            hint = missing_extra(e)
+            raise PassError(f"pass {self.pass_name()} failed: "
+                            + (hint or f"{type(e).__name__}: {e}")) from e
         if not isinstance(result, PassResult):
             raise PostconditionError(
                 f"pass {self.pass_name()}.run returned {type(result).__name__}, expected "
@@ -398,8 +425,8 @@ class Pass:
             )
         try:
             return cls(**params)
-        except SpecError as e:
-            raise SpecError(f"{prefix}{e}") from None
+        except (SpecError, BudgetError) as e:  # the same error, located in the spec
+            raise type(e)(f"{prefix}{e}") from None
 
     def _check_params(self) -> None:
         types_ = self.param_types()
@@ -408,9 +435,12 @@ class Pass:
             try:
                 coerced = coerce_param(value, types_[f.name])
             except TypeError:
+                hint = (nearest(value, _literal_values(types_[f.name]))
+                        if isinstance(value, str) else "")
                 raise SpecError(
                     f"pass {self.pass_name()}: parameter {f.name!r} expects "
                     f"{type_name(types_[f.name])}, got {type(value).__name__} {value!r}"
+                    + (f".{hint}" if hint else "")
                 ) from None
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
@@ -418,6 +448,16 @@ class Pass:
     def __repr__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in self.param_fields())
         return f"{self.pass_name()}({args})"
+
+
+def _literal_values(tp: Any) -> list[str]:
+    """The string values of ``Literal[...]`` annotations in ``tp`` (unions searched)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return [a for a in typing.get_args(tp) if isinstance(a, str)]
+    if origin in (typing.Union, types.UnionType):
+        return [v for a in typing.get_args(tp) for v in _literal_values(a)]
+    return []
 
 
 def _to_plain(value: Any) -> Any:
@@ -532,7 +572,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         )
     if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"pass {cls.name} must be frozen: use @dataclass(frozen=True)")
-    for attr in ("requires", "provides", "may_provide", "guarantees"):
+    for attr in ("requires", "provides", "may_provide", "guarantees", "early_needs"):
         value = getattr(cls, attr)
         if not (isinstance(value, tuple) and all(isinstance(k, str) for k in value)):
             raise TypeError(f"pass {cls.name}.{attr} must be a tuple of str, got {value!r}")

@@ -12,9 +12,10 @@ asked, and on failure raises :class:`~prunegraph.errors.PassError` naming the pa
     from prunegraph.pipeline.pipeline import Pipeline
     from prunegraph.pipeline.contract import State
 
-    pipe = Pipeline([Capture(), Analyze(), Prune(sparsity=0.2), Finalize(), Slice()])
+    pipe = Pipeline([Analyze(), Prune(sparsity=0.2), Slice()])
     state = pipe.run(State(model=model, tokenizer=tok), run_dir="runs/demo")
-    state.metrics["passes"]      # [{"name": "Capture", "seconds": 1.2, "stats": {...}}, ...]
+    state.metrics["passes"]      # [{"name": "Analyze", "seconds": 1.2, "stats": {...}}, ...]
+    state.metrics["summary"]     # parameters before/after, measurements side by side
 
     d = pipe.to_dict()           # {"version": 1, "initial": [...], "passes": [{"Prune": {...}}]}
     assert Pipeline.from_dict(d) == pipe
@@ -281,6 +282,7 @@ class Pipeline:
         checks: bool | None = None,
         seed: int | None = None,
         spec: dict[str, Any] | None = None,
+        command: str | None = None,
     ) -> State:
         """Run every pass in order and return the final state.
 
@@ -294,8 +296,25 @@ class Pipeline:
                 ``PRUNEGRAPH_CHECKS`` environment variable).
             seed: seed Python, NumPy and torch before the first pass.
             spec: what to record as ``spec.yaml`` (default: ``self.to_dict()``).
+            command: the command line that started the run, for the saved model's card.
+
+        At the end, ``state.metrics["summary"]`` holds the before/after comparison
+        (:mod:`prunegraph.pipeline.summary`), and a model a pass saved (``state.saved_model``)
+        gets its model card with the results, the spec and the command.
         """
+        from prunegraph.pipeline.early import (
+            EarlyCheckError,
+            early_schedule,
+            meta_preflight,
+            run_early_checks,
+        )
         from prunegraph.pipeline.runfolder import RunFolder
+        from prunegraph.pipeline.summary import (
+            count_params,
+            fmt_stats,
+            run_summary,
+            summary_table,
+        )
 
         state = State() if state is None else state
         missing = [k for k in self.initial if not state.has(k)]
@@ -304,8 +323,14 @@ class Pipeline:
                 f"the pipeline expects the initial state to hold {', '.join(map(repr, missing))}; "
                 f"pass State({', '.join(f'{k}=...' for k in missing)}) or start with a Load pass"
             )
+        for p in self.passes:  # model names, files: before the run folder exists
+            p.check_inputs()
         if checks is None:
             checks = os.environ.get("PRUNEGRAPH_CHECKS", "") not in ("", "0", "false")
+        schedule = early_schedule(self.passes)
+        for k in meta_preflight(self.passes, early_schedule(self.passes, adjacent=True),
+                                progress):
+            schedule.pop(k, None)
         folder = None
         if run_dir is not None:
             folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
@@ -316,54 +341,117 @@ class Pipeline:
         if seed is not None:
             _seed_everything(seed)
         records: list[dict[str, Any]] = state.metrics.setdefault("passes", [])
+        state.metrics["status"] = "running"
+        _LOG.info("pipeline:\n%s", self.describe())
         done: list[str] = []
         from prunegraph.pipeline import distributed
 
         passes, last_collective = self._passes_for_this_rank()
         if last_collective < 0:
             distributed.shutdown()  # nothing for the other ranks: rank 0 runs alone
+        measured: list[str] = []
+        params_start = count_params(state.get("model"))
+        start = time.perf_counter()
+        i, p = -1, None
+
+        def finish(status: str) -> str:
+            """Record how the run ended and close the folder; a note on where things are."""
+            state.metrics["status"] = status
+            if folder is None or not folder.is_open:
+                return ""
+            folder.write_metrics(state.metrics)
+            folder.close(status)
+            if folder.failed_path is not None:
+                return (f" The previous run in {folder.path} is kept; this run's folder "
+                        f"(log.txt, metrics.json) is {folder.failed_path}.")
+            return f" Run folder: {folder.path}." if status != "done" else ""
+
         try:
+            run_early_checks(self.passes, schedule.get(-1, ()), state,
+                             after="before its first pass")
             for i, p in enumerate(passes):
                 header = f"[{i + 1}/{len(self.passes)}] {p.pass_name()}"
                 _LOG.info("%s: start", header)
                 if progress:
                     print(f"{header} ...", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
+                keys_before = set(state.metrics)
                 try:
                     snapshots = _before_checks(p, state) if checks else {}
                     result: PassResult = p(state)
                     state = result.state
                     if checks:
                         _run_checks(p, state, snapshots)
-                except Exception as e:
-                    ran = ", ".join(done) or "none"
-                    where = f" Run folder: {folder.path}." if folder else ""
-                    records.append(dict(name=p.pass_name(), index=i, error=f"{type(e).__name__}: {e}",
+                except BaseException as e:
+                    records.append(dict(name=p.pass_name(), index=i,
+                                        error=f"{type(e).__name__}: {e}",
                                         seconds=round(time.perf_counter() - t0, 4)))
-                    raise PassError(
-                        f"pipeline stopped at pass {i} ({p.pass_name()}): {e}\n"
-                        f"  passes already run: {ran}.{where}"
-                    ) from e
+                    raise
                 seconds = time.perf_counter() - t0
                 record = dict(name=p.pass_name(), index=i, seconds=round(seconds, 4),
                               modified=bool(result.modified), stats=result.stats)
                 records.append(record)
                 done.append(p.pass_name())
+                if not result.modified:
+                    measured += [k for k in state.metrics if k not in keys_before]
+                if params_start is None:  # the model as loaded
+                    params_start = count_params(state.get("model"))
                 _LOG.info("%s: done in %.2fs, modified=%s, stats=%s", header, seconds,
-                          result.modified, result.stats)
+                          result.modified, fmt_stats(result.stats))
                 if progress:
-                    stats = ", ".join(f"{k}={v}" for k, v in result.stats.items())
+                    stats = fmt_stats(result.stats)
                     print(f"{header} done in {seconds:.2f}s" + (f" ({stats})" if stats else ""),
                           file=sys.stderr, flush=True)
                 if folder:
                     folder.write_metrics(state.metrics)
+                run_early_checks(self.passes, schedule.get(i, ()), state,
+                                 after=f"after pass {i} ({p.pass_name()})")
                 if i == last_collective:
                     distributed.shutdown()  # the other ranks leave; rank 0 goes on alone
-        finally:
-            if folder:
-                folder.write_metrics(state.metrics)
-                folder.close()
+            if not distributed.is_main():
+                finish("done")
+                return state
+            summary = run_summary(state.metrics, measured, params_start=params_start,
+                                  params_end=count_params(state.get("model")),
+                                  seconds=time.perf_counter() - start)
+            state.metrics["summary"] = summary
+            _LOG.info("summary:\n%s", summary_table(summary))
+            self._card(state, spec if spec is not None else self.to_dict(), command)
+        except KeyboardInterrupt:
+            saved = state.get("saved_model")
+            where = f"during pass {i} ({p.pass_name()})" if p is not None else "at the start"
+            message = f"interrupted {where}; " + (
+                f"the model saved earlier is in {saved}" if saved else "nothing was saved")
+            state.metrics["error"] = message
+            _LOG.error("%s", message)
+            note = finish("interrupted")
+            raise KeyboardInterrupt(f"{message}.{note}" if note else message) from None
+        except Exception as e:
+            at = f"pass {i} ({p.pass_name()})" if p is not None else "the start"
+            if isinstance(e, EarlyCheckError):
+                at = "early"
+            state.metrics["error"] = f"{at}: {type(e).__name__}: {e}"
+            error = PassError(f"pipeline stopped {'at ' * (at != 'early')}{at}: {e}\n"
+                              f"  passes already run: {', '.join(done) or 'none'}.")
+            _LOG.error("%s", error, exc_info=e)
+            raise PassError(f"{error}{finish('failed')}") from e
+        finish("done")
         return state
+
+
+    def _card(self, state: State, spec: dict[str, Any], command: str | None) -> None:
+        """Rewrite the model card of the folder a pass saved, now that the results are known."""
+        from pathlib import Path
+
+        from prunegraph.pipeline.load import Load
+        from prunegraph.plan.model_card import write_model_card
+
+        saved = state.get("saved_model")
+        if not saved or not (Path(saved) / "prunegraph_plan.json").is_file():
+            return
+        base = next((p.model for p in self.passes if isinstance(p, Load)), None)
+        write_model_card(saved, base_model=base, summary=state.metrics.get("summary"),
+                         spec=spec, command=command)
 
 
 def _before_checks(p: Pass, state: State) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A pipeline run leaves a folder a person can read and re-run::
 
     runs/demo/
-      .prunegraph-run     marker: this folder is a prunegraph run (safe to replace)
+      .prunegraph-run     marker: a prunegraph run, and how it ended ({"status": "done"})
       spec.yaml           the resolved spec, every default filled in (re-run it as is)
       metrics.json        state.metrics, rewritten after every pass (per-pass time and stats)
       log.txt             the log of the run
@@ -94,13 +94,24 @@ class RunFolder:
 
     Construction only checks (so a bad ``--out`` fails before any pass runs); :meth:`open`
     creates the folder, writes ``spec.yaml`` and attaches the ``log.txt`` handler; :meth:`close`
-    detaches it.
+    records how the run ended and detaches it.
+
+    A previous run in the same place is never deleted before the new one has succeeded:
+    :meth:`open` moves it aside (``<name>.previous-XXXX``), :meth:`close` removes it after a run
+    that ended ``done``, and puts it back otherwise, the failed run going to ``<name>.failed``
+    (so its ``log.txt`` can be read). A run that fails where there was none stays in place,
+    marked: ``metrics.json`` and the marker file say ``"status": "failed"`` (or
+    ``"interrupted"``).
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
         self._handler: logging.Handler | None = None
+        self._previous: Path | None = None
+        self._created = ""
+        #: Where the failed run went when a previous run was put back (see :meth:`close`).
+        self.failed_path: Path | None = None
         self._check()
 
     @property
@@ -124,6 +135,7 @@ class RunFolder:
         p = self.path
         if p.exists() and not p.is_dir():
             raise SpecError(f"run folder {p} exists and is not a folder; choose another --out")
+        _check_writable(p)
         if not p.is_dir() or not any(p.iterdir()) or self.is_run_folder(p):
             return
         if not self.overwrite:
@@ -138,13 +150,20 @@ class RunFolder:
                             f"current directory; choose another --out")
 
     def open(self, spec: dict[str, Any]) -> None:
-        """Replace any previous run here, write the marker and ``spec.yaml``, start ``log.txt``."""
+        """Move any previous run here aside, create the folder with the marker and
+        ``spec.yaml``, start ``log.txt``."""
         self._check()
-        if self.path.exists():
-            remove_path(self.path)
-        self.path.mkdir(parents=True)
-        atomic_write_json(self.path / MARKER, {"created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self.write_spec(spec)
+        self._created = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            if self.path.exists() and any(self.path.iterdir()):
+                self._previous = _aside(self.path, "previous")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_marker("running")
+            self.write_spec(spec)
+        except OSError as e:
+            self._restore()
+            raise SpecError(f"cannot write the run folder {self.path}: "
+                            f"{e.strerror or e}; choose another --out") from None
         handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
@@ -155,6 +174,9 @@ class RunFolder:
         root.addHandler(handler)
         self._handler = handler
 
+    def _write_marker(self, status: str) -> None:
+        atomic_write_json(self.path / MARKER, {"created": self._created, "status": status})
+
     def write_spec(self, spec: dict[str, Any]) -> Path:
         return atomic_write_text(self.path / "spec.yaml",
                                  yaml.safe_dump(spec, sort_keys=False, default_flow_style=None))
@@ -163,7 +185,10 @@ class RunFolder:
         """Write ``metrics.json``; values JSON cannot hold are written as their repr."""
         return atomic_write_text(self.path / "metrics.json", to_json(metrics, strict=False))
 
-    def close(self) -> None:
+    def close(self, status: str = "done") -> None:
+        """Detach ``log.txt`` and record ``status`` (``done``, ``failed``, ``interrupted``) in
+        the marker; then drop the previous run (``done``) or put it back (see the class
+        docstring)."""
         if self._handler is None:
             return
         root = logging.getLogger("prunegraph")
@@ -171,15 +196,67 @@ class RunFolder:
         root.setLevel(self._old_level)
         self._handler.close()
         self._handler = None
+        try:
+            self._write_marker(status)
+        except OSError:
+            pass
+        if self._previous is None:
+            return
+        if status == "done":
+            remove_path(self._previous)
+            self._previous = None
+            return
+        failed = self.path.with_name(self.path.name + ".failed")
+        if failed.exists() and self.is_run_folder(failed):
+            remove_path(failed)
+        if failed.exists():
+            failed = _aside(self.path, "failed")
+        else:
+            os.replace(self.path, failed)
+        self.failed_path = failed
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            if self.path.exists() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            if not self.path.exists():
+                os.replace(self._previous, self.path)
+            self._previous = None
 
     def __enter__(self) -> RunFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close("done" if exc[0] is None else "failed")
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+
+def _aside(path: Path, tag: str) -> Path:
+    """Rename ``path`` to a fresh ``<name>.<tag>-XXXX`` beside it; returns the new path."""
+    import tempfile
+
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.{tag}-"))
+    new.rmdir()
+    os.replace(path, new)
+    return new
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a run folder that cannot be created: name the folder and the reason."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise SpecError(f"cannot create the run folder {path}: {probe} is a file; choose "
+                        f"another --out")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecError(f"cannot create the run folder {path}: {probe} is not writable; choose "
+                        f"another --out")
 
 
 def run_path(run_dir: str | os.PathLike | None, path: str, param: str) -> Path:

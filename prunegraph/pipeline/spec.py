@@ -6,12 +6,13 @@ A spec file is a small typed top level plus the ordered pass list::
     device: auto               # optional: the Load's device (auto = the GPU when there is one)
     seed: 0                    # seeds Python, NumPy and torch before the first pass
     passes:
-      - Capture                # a bare name: every parameter at its default
+      - Analyze                # a bare name: every parameter at its default
       - Prune: {criterion: wanda, sparsity: 0.2}
 
 ``load_spec(path_or_dict, overrides=[...])`` returns a :class:`Spec`. Overrides are
 ``key=value`` strings: ``model=random:llama``, ``seed=1``, ``passes.1.sparsity=0.3`` (the index
-counts entries as written in the file) or ``Prune.sparsity=0.3`` (when ``Prune`` appears once).
+counts entries as written in the file) or ``Prune.sparsity=0.3`` (when ``Prune`` appears once);
+a nested setting is reached key by key: ``Train.train.steps=40`` changes one training setting.
 Values are parsed as YAML (``0.3`` is a float, ``[1, 2]`` a list, ``wanda`` a string).
 
 **The implicit Load.** When ``model`` is set and the list does not start with ``Load``, the spec
@@ -157,7 +158,8 @@ class Spec:
         return "\n".join(head) + "\n" + self.pipeline.describe()
 
     def run(self, run_dir: Any = None, *, overwrite: bool = False, progress: bool = True,
-            checks: bool | None = None, state: State | None = None) -> State:
+            checks: bool | None = None, state: State | None = None,
+            command: str | None = None) -> State:
         """Run from ``state`` (empty by default; it must hold the spec's ``initial`` keys),
         writing the run folder ``run_dir`` when given."""
         state = State() if state is None else state
@@ -173,7 +175,7 @@ class Spec:
             folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir,
                                                                               overwrite=overwrite)
         return self.pipeline.run(state, run_dir=folder, progress=progress, checks=checks,
-                                 seed=self.seed, spec=self.to_dict())
+                                 seed=self.seed, spec=self.to_dict(), command=command)
 
 
 def load_spec(source: str | os.PathLike | dict[str, Any], overrides: list[str] | tuple = (),
@@ -226,6 +228,13 @@ def _entry_name(entry: Any) -> str | None:
         return None
 
 
+def _passes_with_param(names: list[str | None], param: str) -> list[str]:
+    """The passes of the spec (once each) that have a parameter ``param``."""
+    passes = registered_passes()
+    return [n for n in dict.fromkeys(names)
+            if n in passes and param in {f.name for f in passes[n].param_fields()}]
+
+
 def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str | None = None
                     ) -> Any:
     """Apply ``key=value`` overrides (see the module docstring) to a copy of the raw spec."""
@@ -252,14 +261,14 @@ def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str 
         if not isinstance(entries, list):
             raise SpecError(f"--set {item!r}: {prefix}the spec has no 'passes' list")
         if parts[0] == "passes":
-            if len(parts) != 3 or not parts[1].lstrip("-").isdigit():
+            if len(parts) < 3 or not parts[1].lstrip("-").isdigit():
                 raise SpecError(f"--set {item!r}: write passes.INDEX.PARAM=VALUE, "
                                 f"e.g. passes.1.sparsity=0.3")
             index = int(parts[1])
             if not 0 <= index < len(entries):
                 raise SpecError(f"--set {item!r}: {prefix}there are {len(entries)} passes "
                                 f"(indices 0 to {len(entries) - 1})")
-            param = parts[2]
+            path = parts[2:]
         else:
             names = [_entry_name(e) for e in entries]
             hits = [i for i, n in enumerate(names) if n == parts[0]]
@@ -269,19 +278,38 @@ def apply_overrides(data: Any, overrides: list[str] | tuple = (), *, where: str 
                                     f"spec; add it to `passes` first")
                 candidates = ([n for n in names if n] + [k for k in TOP_LEVEL_KEYS if k != "passes"]
                               + list(registered_passes()))
+                owners = _passes_with_param(names, parts[0]) if len(parts) == 1 else []
+                hint = (f" Did you mean {' or '.join(f'{n}.{parts[0]}' for n in owners)}?"
+                        if owners else nearest(parts[0], candidates))
                 raise SpecError(f"--set {item!r}: {prefix}no pass or top-level key "
-                                f"{parts[0]!r} in the spec.{nearest(parts[0], candidates)}")
+                                f"{parts[0]!r} in the spec.{hint}")
             if len(hits) > 1:
                 raise SpecError(
                     f"--set {item!r}: pass {parts[0]} appears at indices "
                     f"{', '.join(map(str, hits))}; use passes.INDEX.{'.'.join(parts[1:]) or 'PARAM'}"
                 )
-            if len(parts) != 2:
+            if len(parts) < 2:
                 raise SpecError(f"--set {item!r}: write {parts[0]}.PARAM=VALUE")
-            index, param = hits[0], parts[1]
+            index, path = hits[0], parts[1:]
         try:
             name, params = parse_entry(entries[index])
         except SpecError as e:
             raise SpecError(f"--set {item!r}: {prefix}passes[{index}]: {e}") from None
-        entries[index] = {name: {**params, param: value}}
+        entries[index] = {name: _set_nested(copy.deepcopy(params), path, value, item)}
     return data
+
+
+def _set_nested(params: dict, path: list[str], value: Any, item: str) -> dict:
+    """``params`` with ``path`` (``['train', 'steps']`` for ``Pass.train.steps``) set to
+    ``value``; nested settings such as a pass's ``train`` block are overridden key by key."""
+    node = params
+    for i, key in enumerate(path[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise SpecError(f"--set {item!r}: {'.'.join(path[:i + 1])} is {child!r}, not a "
+                            f"mapping of settings")
+        node = child
+    node[path[-1]] = value
+    return params

@@ -5,10 +5,15 @@ A pruned folder holds::
     model.safetensors                 the pruned weights (tied parameters stored once)
     prunegraph_buffers.safetensors    non-persistent buffers (RoPE tables ...), so nothing is
                                       re-derived from code on load
-    config.json                       a standard HF config: for a uniform plan with the pruned
-                                      widths (plain AutoModelForCausalLM.from_pretrained loads it),
-                                      otherwise the base config
+    config.json                       the HF config of the saved weights, in the dtype they have:
+                                      for a uniform plan the pruned widths (plain
+                                      AutoModelForCausalLM.from_pretrained loads it); otherwise
+                                      the base widths with transformers' ``per_layer_config``
+                                      overrides where its config class accepts them; always a
+                                      ``prunegraph`` section (per-layer widths, the plan's hash,
+                                      how to load). Never the GGUF ``quantization_config``.
     prunegraph_plan.json/.safetensors the plan, the base config and the tied names
+    README.md                         the model card (base model, method, widths, loading)
     tokenizer files, generation_config.json when given / present
 
 :func:`from_pretrained` builds the *base* architecture from the stored base config on the ``meta``
@@ -51,7 +56,10 @@ BUFFERS = "prunegraph_buffers.safetensors"
 PLAN_STEM = "prunegraph_plan"
 #: Keys of the plan's extra JSON that the core itself writes (others name extensions).
 _PLAN_EXTRA_KEYS = frozenset({"base_config", "model_class", "tied", "hf_compatible"})
-_FIX = "re-save the model with prunegraph.save_pruned (or copy the folder again)"
+_FIX = ("copy the whole folder again from where it was saved, or re-run the pipeline that made "
+        "it")
+#: Config keys that describe how the source weights were stored, not the saved ones.
+_SOURCE_ONLY = ("quantization_config",)
 
 
 def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
@@ -117,9 +125,9 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
     if plan.fingerprint is None:
         raise CheckpointError("the plan has no base-model fingerprint, so the base architecture "
                               "cannot be rebuilt; build it with Plan.from_keep(..., model=base)")
-    base_config = _config_from_dict(dict(plan.fingerprint["config"],
-                                         **{"dtype": str(next(model.parameters()).dtype)
-                                            .removeprefix("torch.")}))
+    source = {k: v for k, v in plan.fingerprint["config"].items() if k not in _SOURCE_ONLY}
+    base_config = _config_from_dict(dict(source, dtype=str(next(model.parameters()).dtype)
+                                         .removeprefix("torch.")))
     extensions = registered_extensions(load=True)
     added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
     _check_shapes(model, plan, base_config, skip=added)
@@ -132,6 +140,7 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
     buffers = {n: b.detach().contiguous().cpu() for n, b in model.named_buffers()
                if n not in persistent and b is not None}
     hf_config = _hf_config(model, plan, base_config)
+    config_json, per_layer = _config_json(model, plan, base_config, hf_config)
     extra = {"base_config": base_config.to_dict(), "model_class": type(model).__name__,
              "tied": tied, "hf_compatible": hf_config is not None}
     for name, ext in extensions.items():
@@ -140,19 +149,59 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
             extra[name] = described  # the runtime is rebuilt from this on load
 
     def write(tmp: Path) -> None:
+        import json
+
+        from prunegraph.plan.model_card import UNIFORM_HINT, write_model_card
+
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_file(buffers, str(tmp / BUFFERS), metadata={"format": "pt"})
-        (hf_config or base_config).to_json_file(str(tmp / "config.json"))
         plan.write_files(tmp, PLAN_STEM, extra)
+        plan_sha = json.loads((tmp / f"{PLAN_STEM}.json").read_text())["tensors"]["sha256"]
+        config_json["prunegraph"] = {
+            "loader": "prunegraph.from_pretrained",
+            "plan": f"{PLAN_STEM}.json", "plan_sha256": plan_sha,
+            "base_model_class": type(model).__name__,
+            "uniform": hf_config is not None,
+            "base_widths": {k: getattr(base_config, k) for v in per_layer.values() for k in v},
+            "per_layer": {str(k): v for k, v in per_layer.items()},
+            "note": ("a standard config: plain transformers loads this folder"
+                     if hf_config is not None else
+                     f"the layers have different widths; {UNIFORM_HINT}")}
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        write_model_card(tmp)
 
     with atomic_dir(path) as tmp:
         write(tmp)
     return path
+
+
+def _config_json(model: nn.Module, plan: Plan, base_config: Any, hf_config: Any
+                 ) -> tuple[dict[str, Any], dict[int, dict[str, int]]]:
+    """``(config.json as a dict, per-layer widths)`` for the saved weights: the uniform config
+    when there is one; else the base config with transformers' ``per_layer_config`` if its
+    config class accepts those overrides (it then reads the widths, and builds them where its
+    modeling code supports per-layer configs), else the base config."""
+    import json
+
+    from prunegraph.plan.slicing import per_layer_updates
+
+    per_layer = per_layer_updates(plan, base_config)
+    if hf_config is not None:
+        return json.loads(hf_config.to_json_string()), per_layer
+    config = base_config
+    if per_layer:
+        try:
+            candidate = _config_from_dict({**base_config.to_dict(), "per_layer_config": per_layer})
+            if getattr(candidate, "is_heterogeneous", False):
+                config = candidate
+        except Exception:  # this transformers has no per-layer configs for the architecture
+            pass
+    return json.loads(config.to_json_string()), per_layer
 
 
 def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str] = frozenset()
@@ -207,9 +256,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name} is missing; {_FIX}")
     try:
-        plan, extra = Plan.read_files(path, PLAN_STEM)
+        plan, extra = Plan.read_files(path, PLAN_STEM, fix=_FIX)
     except PlanError as e:
-        raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: {e}") from e
+        raise CheckpointError(str(e)) from e
+    _check_plan_matches_config(path, plan)
     if "base_config" not in extra:
         raise CheckpointError(f"{path / (PLAN_STEM + '.json')} has no base config; {_FIX}")
     tensors = {}
@@ -271,12 +321,47 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     return model.to(device).eval()
 
 
+def _check_plan_matches_config(path: Path, plan: Plan) -> None:
+    """Refuse a plan that was not saved with this folder's weights, before reading them: the
+    plan's hash recorded in config.json, or (older folders) the architecture fields of
+    config.json against the plan's base model."""
+    import json
+
+    from prunegraph.plan.slicing import CONFIG_FIELDS
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is corrupt or truncated ({e}); "
+                              f"{_FIX}") from e
+    plan_file = path / f"{PLAN_STEM}.json"
+    recorded = (config.get("prunegraph") or {}).get("plan_sha256")
+    if recorded is not None:
+        held = json.loads(plan_file.read_text()).get("tensors", {}).get("sha256")
+        if held != recorded:
+            raise CheckpointError(
+                f"{plan_file} is not the plan these weights were saved with (config.json "
+                f"records plan {recorded[:12]}..., the folder holds {str(held)[:12]}...): the "
+                f"plan comes from another model or run. {_FIX[0].upper()}{_FIX[1:]}")
+        return
+    base = (plan.fingerprint or {}).get("config") or {}
+    pruned = {a for fields in CONFIG_FIELDS.values() for names, _ in fields for a in names}
+    keys = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                        "head_dim", "n_embd", "n_layer") if k not in pruned]
+    diff = [f"{k}: plan {base.get(k)!r}, config.json {config.get(k)!r}" for k in keys
+            if k in base and k in config and base[k] != config[k]]
+    if diff:
+        raise CheckpointError(f"{plan_file} is the plan of another model ({'; '.join(diff)}): "
+                              f"the plan and the weights must come from the same save. "
+                              f"{_FIX[0].upper()}{_FIX[1:]}")
+
+
 def saved_plan(path: str | os.PathLike) -> Plan | None:
     """The plan stored in a folder written by :func:`save_pruned`, or None for any other folder."""
     path = Path(path)
     if not (path / f"{PLAN_STEM}.json").is_file():
         return None
     try:
-        return Plan.read_files(path, PLAN_STEM)[0]
+        return Plan.read_files(path, PLAN_STEM, fix=_FIX)[0]
     except PlanError as e:
-        raise CheckpointError(f"{path / (PLAN_STEM + '.json')}: {e}") from e
+        raise CheckpointError(str(e)) from e

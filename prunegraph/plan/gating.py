@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,9 @@ from torch.overrides import TorchFunctionMode
 from prunegraph.errors import PlanError, PrunegraphError
 from prunegraph.ir.groups import Group, Member
 
-__all__ = ["GateSet", "apply_gates", "remove_gates", "installed_gates", "unit_multiplier", "owner_of",
-           "gate_shape", "has_gates", "linear_input_dim", "ScaleChannels"]
+__all__ = ["GateHandle", "GateSet", "apply_gates", "remove_gates", "installed_gates",
+           "unit_multiplier", "owner_of", "gate_shape", "has_gates", "linear_input_dim",
+           "ScaleChannels"]
 
 #: Where the runtime keeps a model's GateSet (one per model); read it with installed_gates().
 _GATES_ATTR = "_prunegraph_gates"
@@ -232,6 +233,16 @@ class _RouterMask(TorchFunctionMode):
             self.hits += 1
             out = out.masked_fill(self.dead.to(out.device), float("-inf"))
         return out
+
+
+@runtime_checkable
+class GateHandle(Protocol):
+    """Any gates installed on a model (the ``gates`` state key): live ``values`` and
+    ``remove()``. :class:`GateSet` for unit gates; a weight family (LEAP) installs its own."""
+
+    values: dict[str, torch.Tensor]
+
+    def remove(self) -> None: ...
 
 
 class GateSet:

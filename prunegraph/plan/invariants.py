@@ -87,7 +87,8 @@ def _before_gates(state: State) -> torch.Tensor | None:
 
 
 def _gates_at_one(state: State, before: torch.Tensor | None) -> None:
-    with _gate_values(state.gates, {}):
+    at_one = getattr(state.gates, "at_one", None)  # a handle with its own "all at 1" (LEAP)
+    with at_one() if at_one is not None else _gate_values(state.gates, {}):
         after = probe_logits(state.model)
     _compare("with every gate at 1 the gated model differs from the model before gating",
              after, before, _dtype(state.model))

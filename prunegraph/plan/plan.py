@@ -281,17 +281,21 @@ class Plan:
         return cls.read_files(path, "plan")[0]
 
     @classmethod
-    def read_files(cls, folder: Path, stem: str) -> tuple[Plan, dict[str, Any]]:
-        """Read ``<stem>.json`` + ``<stem>.safetensors``; returns the plan and the extra section."""
+    def read_files(cls, folder: Path, stem: str, fix: str = "re-save the plan"
+                   ) -> tuple[Plan, dict[str, Any]]:
+        """Read ``<stem>.json`` + ``<stem>.safetensors``; returns the plan and the extra section.
+
+        ``fix`` ends the error messages: what the user can do about a missing or corrupt file
+        (a pruned model folder says to copy it again or re-run its pipeline)."""
         jfile, tfile = folder / f"{stem}.json", folder / f"{stem}.safetensors"
         for f in (jfile, tfile):
             if not f.is_file():
                 raise PlanError(f"{f} is missing; a plan is {stem}.json + {stem}.safetensors "
-                                f"written together by Plan.save — re-save the plan")
+                                f"written together by Plan.save; {fix}")
         try:
             data = json.loads(jfile.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{jfile} is corrupt or truncated ({e}); re-save the plan") from e
+            raise PlanError(f"{jfile} is corrupt or truncated ({e}); {fix}") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PlanError(f"{jfile} is not a prunegraph plan (no \"format\": \"{FORMAT}\")")
         if data.get("version", 0) > VERSION:
@@ -301,13 +305,13 @@ class Plan:
         want = (data.get("tensors") or {}).get("sha256")
         if want is not None and hashlib.sha256(blob).hexdigest() != want:
             raise PlanError(f"{tfile} does not match {jfile.name} (sha256 differs): it is "
-                            f"truncated, modified, or from another save; re-save the plan")
+                            f"truncated, modified, or from another save; {fix}")
         try:
             from safetensors.torch import load
 
             tensors = load(blob)
         except Exception as e:
-            raise PlanError(f"{tfile} is corrupt or truncated ({e}); re-save the plan") from e
+            raise PlanError(f"{tfile} is corrupt or truncated ({e}); {fix}") from e
         try:
             groups = []
             for d in data["groups"]:
@@ -326,7 +330,7 @@ class Plan:
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"{jfile} is malformed ({type(e).__name__}: {e}); re-save the plan") from e
+            raise PlanError(f"{jfile} is malformed ({type(e).__name__}: {e}); {fix}") from e
         return plan, data.get("extra") or {}
 
     def masks(self, shapes: Mapping[str, Sequence[int]], key: Mapping[str, Any] | None = None

@@ -36,7 +36,8 @@ from prunegraph.ir.groups import Group
 from prunegraph.plan.gating import has_gates, owner_of, unit_multiplier
 from prunegraph.plan.plan import Plan, PlanGroup
 
-__all__ = ["apply_plan", "LAYER_ATTRIBUTES", "SHAPE_ATTRIBUTES", "CONFIG_FIELDS", "config_updates"]
+__all__ = ["apply_plan", "LAYER_ATTRIBUTES", "SHAPE_ATTRIBUTES", "CONFIG_FIELDS", "config_updates",
+           "per_layer_updates"]
 
 #: Quantities of a plan group, as ``(unpruned, pruned)``.
 _QUANTITIES: dict[str, Callable[[PlanGroup], tuple[int, int]]] = {
@@ -262,3 +263,24 @@ def config_updates(plan: Plan, config: Any) -> dict[str, int]:
                 if type(getattr(config, attr, None)) is int and getattr(config, attr) == old:
                     proposals.setdefault(attr, set()).add(new)
     return {k: next(iter(v)) for k, v in proposals.items() if len(v) == 1}
+
+
+def per_layer_updates(plan: Plan, config: Any) -> dict[int, dict[str, int]]:
+    """Per decoder layer, the config fields (from CONFIG_FIELDS) whose pruned value differs from
+    the config's: ``{3: {"intermediate_size": 1216, "num_attention_heads": 6}, ...}``.
+
+    The form of transformers' ``per_layer_config`` (a sparse mapping of layer overrides); groups
+    outside a decoder layer are left out.
+    """
+    out: dict[int, dict[str, int]] = {}
+    for pg in plan.groups:
+        if pg.group.layer is None:
+            continue
+        for names, quantity in CONFIG_FIELDS.get(pg.group.kind, []):
+            old, new = _QUANTITIES[quantity](pg)
+            for attr in names:
+                if type(getattr(config, attr, None)) is int and getattr(config, attr) == old \
+                        and new != old:
+                    out.setdefault(int(pg.group.layer), {})[attr] = new
+                    break
+    return dict(sorted(out.items()))

@@ -37,7 +37,7 @@ from prunegraph.targets.triton.prunepath_decode import choose_decode_blocks
 from prunegraph.targets.triton.swiglu import interpreting
 
 __all__ = ["mlp_shapes", "install_triton_mlps", "install_prunepath_mlps", "uninstall",
-           "unsupported"]
+           "unsupported", "own_forwards"]
 
 _MARK = "_prunegraph_triton_forward"
 _ACT_NAMES = ("act_fn", "act", "activation_fn", "activation")
@@ -72,6 +72,13 @@ def _pytorch_forwards(model: nn.Module):
     finally:
         for mlp, forward in swapped:
             mlp.forward = forward
+
+
+def own_forwards(model: nn.Module):
+    """A context in which the MLPs that run Triton kernels run their own PyTorch forward (the
+    masked routing path of a PrunePath model, for comparison); the kernels are back after it,
+    without installing (or packing) them again."""
+    return _pytorch_forwards(model)
 
 
 def _resolve(model: nn.Module, mlps: Sequence[str | GatedMLP]) -> list[GatedMLP]:
@@ -211,7 +218,7 @@ def install_triton_mlps(model: nn.Module, mlp_paths: Sequence[str | GatedMLP],
 
 
 def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, prefill: str,
-                            original, warned: set[str]):
+                            original, warned: set[str], handle: int | None):
     def forward(self, x, *args, **kwargs):
         if prefill == "masked" and x.numel() // x.shape[-1] > max_grid_tokens:
             return original(x, *args, **kwargs)  # the module's own masked PyTorch forward
@@ -219,6 +226,9 @@ def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, pre
         if reason is not None:
             _warn_once(reason, warned)
             return original(x, *args, **kwargs)
+        if handle is not None:  # one opaque operator node for torch.compile
+            return torch.ops.prunegraph.prunepath_ffn(x, handle, router.tau,
+                                                      router.mode == "inclusive")
         return ffn(x, router.tau, router.mode)
 
     return forward
@@ -226,8 +236,8 @@ def _make_prunepath_forward(router, ffn: PrunePathFFN, max_grid_tokens: int, pre
 
 def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
                            channels_per_program: int | None = None, pack: bool = True,
-                           prefill: str = "grouped", dense_above: float | None = None
-                           ) -> nn.Module:
+                           prefill: str = "grouped", dense_above: float | None = None,
+                           as_op: bool = False) -> nn.Module:
     """Make every routed MLP of a PrunePath model (:mod:`prunegraph.passes.prunepath.router`) run the Triton
     PrunePath kernels (:class:`~prunegraph.targets.triton.prunepath.PrunePathFFN`): inputs of at
     most ``max_grid_tokens`` tokens (decode, small batches) the decode kernels, which stream the
@@ -242,7 +252,9 @@ def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
     layout (a third of the FFN weights again in memory; without it the kernels read the live
     row-major weight through its strides, slower). ``channels_per_program`` (a power of two)
     overrides the channels of one decode gate/up unit. The weights are taken now: move or cast
-    the model first, and install again after changing its weights.
+    the model first, and install again after changing its weights. ``as_op`` calls each FFN
+    through the custom operator of :mod:`~prunegraph.targets.triton.prunepath_op`, so that
+    ``torch.compile`` of the whole model sees one node per FFN instead of breaking the graph.
     """
     if max_grid_tokens < 1:
         raise PreconditionError(f"max_grid_tokens must be >= 1, got {max_grid_tokens}")
@@ -269,9 +281,12 @@ def install_prunepath_mlps(model: nn.Module, *, max_grid_tokens: int = 16,
                            decode_blocks=blocks, pack=pack)
         todo.append((mlp, router, ffn))
     warned: set[str] = set()
+    if as_op:
+        from prunegraph.targets.triton.prunepath_op import register
     for mlp, router, ffn in todo:
-        _swap_forward(mlp, lambda original, r=router, f=ffn: _make_prunepath_forward(
-            r, f, max_grid_tokens, prefill, original, warned))
+        handle = register(ffn) if as_op else None
+        _swap_forward(mlp, lambda original, r=router, f=ffn, h=handle: _make_prunepath_forward(
+            r, f, max_grid_tokens, prefill, original, warned, h))
     return model
 
 

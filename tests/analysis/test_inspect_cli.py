@@ -33,3 +33,15 @@ def test_inspect_unknown_model_is_a_clear_error(capsys):
     assert main(["inspect", "random:lama"]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'random:lama'" in err and "llama" in err
+
+
+def test_truncated_table_names_all_and_html_bars_scale_to_prunable_groups():
+    from prunegraph.data.models import load_model
+    from prunegraph.ir.analysis import analyze, report
+
+    analysis = analyze(load_model("random:llama", tokenizer=False)[0])
+    hidden = len(analysis.groups) - 2
+    assert f"... {hidden} more groups (--all prints every group" in report.table(analysis, 2)
+    assert "more groups" not in report.table(analysis)
+    html = report.to_html(analysis)
+    assert "DATA.groups.filter(g => !g.constraints.pinned)" in html  # the scale

@@ -1,7 +1,8 @@
 """One rank of the two-process training tests (started by torchrun from test_fsdp_training.py).
 
-Each ``--job NAME:FAMILY[:STEP]`` (FAMILY ``ddp``, ``hard_concrete``, ``prunepath``, or
-``ddp+checkpointing``) trains a tiny model on the corpus with the run folder
+Each ``--job NAME:FAMILY[:STEP]`` (FAMILY ``ddp``, ``hard_concrete``, ``prunepath``,
+``ddp+checkpointing``, or ``ddp+polish``: a polish under ``round_to: latency`` with a different
+fake GEMM timer on each rank) trains a tiny model on the corpus with the run folder
 ``OUT/NAME`` (rank 0) and, on rank 0, saves what it trained to ``OUT/NAME.pt``; with ``STEP``,
 rank 1 exits hard during that step (a killed launch). Jobs run one after the other in one launch.
 """
@@ -40,6 +41,30 @@ def gate_run(family: str, run_dir, corpus: str, batch_size: int, **extra) -> Sta
     state.run_dir = run_dir
     Train(**TRAIN, batch_size=batch_size, source=corpus, **extra)(state)
     return state
+
+
+class StepTimer:
+    """A fake GEMM timer: a GEMM costs its output's ``step``-column tiles times its tokens."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, fn, device) -> float:
+        y = fn()
+        return 1e-6 * -(-y.shape[1] // self.step) * y.shape[0]
+
+
+def polish_run(run_dir, corpus: str, batch_size: int, step: int) -> State:
+    """DDP with a polish under ``round_to: latency``, GEMMs timed by ``StepTimer(step)``
+    (``PRUNEGRAPH_CACHE`` must name a folder of this process's own)."""
+    from prunegraph.plan import latency
+
+    before, latency.default_timer = latency.default_timer, StepTimer(step)
+    try:
+        return gate_run("ddp", run_dir, corpus, batch_size=batch_size, polish_steps=2,
+                        round_to="latency")
+    finally:
+        latency.default_timer = before
 
 
 def prunepath_run(run_dir, corpus: str, batch_size: int) -> State:
@@ -103,6 +128,11 @@ def main() -> None:
         run_dir = Path(args.out) / name if distributed.is_main() else None
         if family == "prunepath":
             state = prunepath_run(run_dir, args.corpus, batch_size=1)
+        elif family.endswith("+polish"):  # each rank times its own "GPU": 32 and 48 wide tiles
+            os.environ["PRUNEGRAPH_CACHE"] = str(Path(args.out) / f"cache-{distributed.rank()}")
+            family = family.split("+")[0]
+            state = polish_run(run_dir, args.corpus, batch_size=1,
+                               step=32 if distributed.rank() == 0 else 48)
         elif family.endswith("+checkpointing"):  # activation checkpointing under FSDP
             family = family.split("+")[0]
             state = gate_run(family, run_dir, args.corpus, batch_size=1,

@@ -21,7 +21,7 @@ import yaml
 from _gate_fixtures import write_corpus
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_worker import gate_run, prunepath_run  # noqa: E402
+from _train_worker import gate_run, polish_run, prunepath_run  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -42,8 +42,8 @@ def _torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Two launches: (1) an uninterrupted DDP run, then a DDP run whose rank 1 dies in step 5
-    (after the step-4 checkpoint); (2) that run resumed, plus hard-concrete, PrunePath and DDP
-    with activation checkpointing."""
+    (after the step-4 checkpoint); (2) that run resumed, plus hard-concrete, PrunePath, DDP
+    with activation checkpointing and DDP polished under round_to: latency."""
     out = tmp_path_factory.mktemp("fsdp")
     corpus = write_corpus(out / "corpus.txt")
     common = [str(WORKER), "--out", str(out), "--corpus", corpus]
@@ -51,7 +51,8 @@ def runs(tmp_path_factory) -> Path:
     assert died.returncode != 0 and (out / "full.pt").exists() and not (out / "killed.pt").exists()
     assert (out / "killed" / "train" / "checkpoint.dcp" / "meta.pt").exists()
     _torchrun(*common, "--job", "killed:ddp", "--job", "hc:hard_concrete",
-              "--job", "pp:prunepath", "--job", "ckpt:ddp+checkpointing")
+              "--job", "pp:prunepath", "--job", "ckpt:ddp+checkpointing",
+              "--job", "polish:ddp+polish")
     return out
 
 
@@ -100,6 +101,21 @@ def test_activation_checkpointing_under_fsdp_trains_the_same_gates(runs):
     assert ckpt["plain"]
     for group, value in full["gates"].items():
         assert torch.equal(ckpt["gates"][group], value), group
+
+
+def test_two_ranks_polish_under_rank_0s_latency_widths(runs, tmp_path, monkeypatch):
+    """Each rank timed its own (fake) GPU differently: 32- and 48-channel tiles allow different
+    widths, so without one set of widths the ranks would polish under different plans."""
+    two = _load(runs, "polish")
+    monkeypatch.setenv("PRUNEGRAPH_CACHE", str(tmp_path / "cache"))
+    one = polish_run(None, str(runs / "corpus.txt"), batch_size=2, step=32)  # rank 0's timer
+    for group, value in one.trained_gates.items():
+        assert torch.equal(two["gates"][group] != 0, value != 0), group
+        torch.testing.assert_close(two["gates"][group], value, atol=ATOL, rtol=0)
+    monkeypatch.setenv("PRUNEGRAPH_CACHE", str(tmp_path / "cache-other"))
+    other = polish_run(None, str(runs / "corpus.txt"), batch_size=2, step=48)  # rank 1's
+    assert any(not torch.equal(other.trained_gates[g] != 0, v != 0)
+               for g, v in one.trained_gates.items())
 
 
 def test_run_command_with_nproc_writes_one_run_folder(tmp_path):

@@ -79,7 +79,8 @@ def table(analysis, max_rows: int | None = None) -> str:
         if i == 0:
             lines.append("-" * (sum(widths) + 8 + 11))
     if max_rows is not None and len(analysis.groups) > max_rows:
-        lines.append(f"... {len(analysis.groups) - max_rows} more groups (use --json for all)")
+        lines.append(f"... {len(analysis.groups) - max_rows} more groups (--all prints every "
+                     f"group; --json FILE writes them with their members)")
     s = summary(analysis)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["groups"].items()))
     lines.append("")
@@ -155,13 +156,16 @@ tr.members td {{ background: #fafafa; font-family: monospace; font-size: 12px; }
 .kind {{ padding: 1px 6px; border-radius: 3px; color: white; }}
 .pinned {{ color: #888; }}
 input {{ padding: 4px; width: 30em; margin: 1em 0; }}
-.bar {{ height: 14px; background: #4e79a7; display: inline-block; }}
+.bar {{ height: 14px; background: #4e79a7; display: inline-block; vertical-align: middle; }}
+.bar.off {{ background: repeating-linear-gradient(90deg, #9c9c9c 0 6px, #ddd 6px 9px); }}
 </style></head><body>
 <h1>{html.escape(s['model_class'])}</h1>
 <p>{s['total_params']:,} parameters: <b>{s['prunable_params']:,}</b> in prunable groups,
 {s['fixed_params']:,} fixed ({100 * s['prunable_params'] / max(1, s['total_params']):.1f}% prunable).</p>
 <ul>{kinds}</ul>
 <input id="filter" placeholder="filter groups (name or kind)..." oninput="render()">
+<p>Bars: parameters per group, scaled to the largest prunable group (pinned groups larger
+than that are drawn capped and hatched).</p>
 <table><thead><tr><th>group</th><th>kind</th><th>size</th><th>params / unit</th><th>params</th>
 <th>constraints</th></tr></thead><tbody id="rows"></tbody></table>
 <script>
@@ -180,15 +184,20 @@ function render() {{
   const f = document.getElementById('filter').value.toLowerCase();
   const body = document.getElementById('rows');
   body.innerHTML = '';
-  const maxp = Math.max(...DATA.groups.map(g => g.params_per_unit * g.size * (g.constraints.experts || 1)));
+  // Bars are scaled to the largest *prunable* group: a pinned group (the hidden size, the
+  // vocabulary) can be far larger and would flatten every other bar; it is drawn capped.
+  const size = g => g.params_per_unit * g.size * (g.constraints.experts || 1);
+  const prunable = DATA.groups.filter(g => !g.constraints.pinned).map(size);
+  const maxp = Math.max(1, ...(prunable.length ? prunable : DATA.groups.map(size)));
   DATA.groups.forEach((g, i) => {{
     if (f && !(g.name.toLowerCase().includes(f) || g.kind.includes(f))) return;
-    const total = g.params_per_unit * g.size * (g.constraints.experts || 1);
+    const total = size(g);
+    const off = total > maxp;
     const tr = document.createElement('tr');
     tr.className = 'group' + (g.constraints.pinned ? ' pinned' : '');
     tr.innerHTML = `<td>${{g.name}}</td><td><span class="kind" style="background:${{COLORS[g.kind] || '#76b7b2'}}">${{g.kind}}</span></td>
       <td>${{g.size}}</td><td>${{Math.round(g.params_per_unit).toLocaleString()}}</td>
-      <td><span class="bar" style="width:${{Math.max(1, 120 * total / maxp)}}px"></span> ${{Math.round(total).toLocaleString()}}</td>
+      <td><span class="bar${{off ? ' off' : ''}}" title="${{off ? 'larger than the largest prunable group (bar capped)' : ''}}" style="width:${{Math.max(2, Math.min(160, 160 * total / maxp))}}px"></span> ${{Math.round(total).toLocaleString()}}</td>
       <td>${{constraints(g)}}</td>`;
     tr.onclick = () => {{ open.has(i) ? open.delete(i) : open.add(i); render(); }};
     body.appendChild(tr);
