@@ -56,7 +56,8 @@ LAYER_ATTRIBUTES: dict[str, list[tuple[tuple[str, ...], str]]] = {
                "q_heads"),
               (("num_key_value_heads", "num_kv_heads", "n_kv_heads"), "kv_heads"),
               (("num_key_value_groups",), "q_per_kv"),
-              (("split_size", "all_head_size", "embed_dim", "hidden_size"), "q_width")],
+              (("split_size", "all_head_size", "embed_dim", "hidden_size", "v_dim", "qk_dim"),
+               "q_width")],
     "channels": [(("intermediate_size", "ffn_dim", "time_step_rank"), "units")],
     "shared_expert_channels": [(("intermediate_size",), "units")],
     "experts": [(("num_experts", "num_local_experts"), "units")],
@@ -208,7 +209,8 @@ def _layer_attributes(model: nn.Module, plan: Plan) -> int:
                         count += 1
                     cfg = module.__dict__.get("config")
                     if cfg is not None and type(getattr(cfg, attr, None)) is int \
-                            and getattr(cfg, attr) == old and old != new:
+                            and getattr(cfg, attr) == old and old != new \
+                            and not isinstance(getattr(type(cfg), attr, None), property):
                         changes[attr] = new
             if changes:
                 cfg = copy.copy(module.__dict__["config"])
