@@ -74,4 +74,7 @@ def test_every_pass_reads_text_through_it(monkeypatch, corpus):
     # Evaluate: the in-domain text, then the out-of-domain one (austen by default)
     assert calls == [("calibration", 24, 3), ("evaluation", 20, 2), ("evaluation", 20, 2),
                      ("calibration", 28, None),
-                     ("calibration", 12, None), ("evaluation", 14, 1)]
+                     # PrunePath: the router fit, a held-out router probe before and after
+                     # training, the training stream; then TauSweep
+                     ("calibration", 12, 16), ("evaluation", 512, 2), ("calibration", 12, None),
+                     ("evaluation", 512, 2), ("evaluation", 14, 1)]
