@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -270,11 +271,13 @@ def summarise(results: list[dict]) -> dict:
 
 def markdown(results: list[dict], meta: dict) -> str:
     s = summarise(results)
+    nice = re.match(r"nice -n (\d+) (.*)", meta["command"])
+    command, at = (nice.group(2), f" at niceness {nice.group(1)}") if nice else (meta["command"], "")
     lines = [DOC_HEADING, "",
              f"Every causal-LM type of transformers {meta['transformers']} (torch {meta['torch']}) "
              f"on a tiny random config derived from its config class, {meta['machine']}, "
-             f"{meta['minutes']:.0f} min. Command:", "",
-             "```", meta["command"], "```", "",
+             f"{meta['minutes']:.0f} min{at}. Command:", "",
+             "```sh", command, "```", "",
              "| types | built and ran | capture | analysis | sliced == gated | save + reload |",
              "|---|---|---|---|---|---|",
              f"| {s['types']} | {s['built']} | {s['capture']} | {s['analysis']} | "
