@@ -28,7 +28,7 @@ EXPECTED = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _graph(arch: str):
     """The captured graph of the *unpruned* model: fusion reads only its structure."""
     return capture(fresh(arch))

@@ -39,7 +39,7 @@ def make_tokenizer():
 # ------------------------------------------------------------------------------ fixtures
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(arch: str) -> nn.Module:
     return load_model(f"random:{arch}", seed=0)[0]
 

@@ -145,7 +145,11 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     import safetensors.torch
 
     plan = random_plan("llama", 2)
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError):
         plan.save(tmp_path / "p")
     assert os.listdir(tmp_path) == []

@@ -16,7 +16,8 @@ lm-eval's definitions of ``acc`` and ``acc_norm`` (``tests/test_lm_eval.py``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prunegraph.errors import PrunegraphError
 from prunegraph.pipeline.contract import nearest

@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

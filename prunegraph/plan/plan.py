@@ -77,7 +77,8 @@ def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     tied = [[_param_name(n) for n in names] for names in tied_names(model)]
     return {"model_class": type(model).__name__, "config_sha256": _sha(cfg),
-            "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg, "params": params}
+            "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg,
+            "params": params}
 
 
 @dataclass

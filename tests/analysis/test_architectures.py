@@ -14,7 +14,7 @@ from prunegraph.data.models import RANDOM_CONFIGS, load_model
 from prunegraph.ir.analysis import analyze
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def analysis_of(arch: str):
     model, _ = load_model(f"random:{arch}")
     return model, analyze(model)
@@ -79,7 +79,8 @@ def test_gpt2_conv1d_and_fused_c_attn():
     cfg = model.config
     g = a.group("transformer.h.0.attn:heads")
     assert g.size == cfg.n_head and g.constraints.kv_heads == cfg.n_head
-    assert sorted(m.offset for m in g.members if m.param.endswith("c_attn.weight")) == [0, cfg.n_embd, 2 * cfg.n_embd]
+    offsets = sorted(m.offset for m in g.members if m.param.endswith("c_attn.weight"))
+    assert offsets == [0, cfg.n_embd, 2 * cfg.n_embd]
     assert all(m.dim == 1 for m in g.members if m.param.endswith("c_attn.weight"))  # Conv1D is [in, out]
     ch = a.group("transformer.h.0.mlp:channels")
     assert ch.size == 4 * cfg.n_embd
@@ -99,10 +100,12 @@ def test_hidden_space_spans_embeddings_norms_projections_and_lm_head():
         if arch == "mistral":  # untied head: its own parameter
             assert "lm_head.weight" in params
         else:  # tied: one tensor, reported once, with its alias
-            assert a.graph.aliases["model.embed_tokens.weight"] == ["model.embed_tokens.weight", "lm_head.weight"]
+            aliases = a.graph.aliases["model.embed_tokens.weight"]
+            assert aliases == ["model.embed_tokens.weight", "lm_head.weight"]
 
 
-@pytest.mark.parametrize("arch,num_experts_key", [("qwen3-moe", "num_experts"), ("mixtral", "num_local_experts"),
+@pytest.mark.parametrize("arch,num_experts_key", [("qwen3-moe", "num_experts"),
+                                                  ("mixtral", "num_local_experts"),
                                                   ("olmoe", "num_experts"), ("qwen2-moe", "num_experts")])
 def test_moe_experts_router_and_expert_channels(arch, num_experts_key):
     model, a = analysis_of(arch)

@@ -23,7 +23,8 @@ def test_inspect_writes_json_dot_and_html(tmp_path, capsys):
             assert g["constraints"]["kv_heads"] * g["constraints"]["q_per_kv"] == g["size"]
             assert g["constraints"]["head_dim"] > 0
     dot = (tmp_path / "g.dot").read_text()
-    assert dot.startswith("digraph") and '"model.layers.0.mlp:experts" -> "model.layers.0.mlp.gate.weight"' in dot
+    assert dot.startswith("digraph")
+    assert '"model.layers.0.mlp:experts" -> "model.layers.0.mlp.gate.weight"' in dot
     html = (tmp_path / "g.html").read_text()
     assert "<script>" in html and "model.layers.1.mlp.experts:expert_channels" in html
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically

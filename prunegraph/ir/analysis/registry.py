@@ -16,8 +16,9 @@ never a silent guess. Third-party code registers rules for its own custom ops th
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -232,7 +232,8 @@ def _sdpa(ctx: RuleContext):
     out = [*q.atoms[:-1], v.atoms[-1]]
     if ctx.node.target is aten.scaled_dot_product_attention.default:
         return Value(out, [], None, True)
-    return (Value(out, [], None, True),) + tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    rest = tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    return (Value(out, [], None, True),) + rest
 
 
 @rule(aten.embedding.default)
@@ -389,7 +390,8 @@ def _expand(ctx: RuleContext) -> Value:
         if d >= 0 and as_size(in_shape[d]) == as_size(s) and ctx.node.target is not aten.repeat.default:
             atoms.append(v.atoms[d])
             origins.append(v.origins[d])
-        elif d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1 and as_size(s) != as_size(in_shape[d]):
+        elif (d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1
+              and as_size(s) != as_size(in_shape[d])):
             rep = ctx.spaces.new(as_size(s) / as_size(in_shape[d]), replica=ctx.node.name)
             merged = ctx.spaces.new(s)
             ctx.spaces.define(merged, "prod", [rep, v.atoms[d]])
@@ -606,7 +608,8 @@ def _like(ctx: RuleContext) -> Value:
     """Fresh tensors shaped like the input: same dims, no values carried."""
     v = ctx.input(0)
     shape = ctx.meta_shape()
-    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, ctx.meta_shape(ctx.arg(0)))):
+    in_shape = ctx.meta_shape(ctx.arg(0))
+    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, in_shape)):
         return Value(list(v.atoms), [], None, False)
     return Value(ctx.fresh(shape))
 
