@@ -572,7 +572,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
             f"pass {cls.name} must be a dataclass: put @dataclass(frozen=True) under "
             f"@register_pass"
         )
-    if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+    if not cls.__dataclass_params__.frozen:
         raise TypeError(f"pass {cls.name} must be frozen: use @dataclass(frozen=True)")
     for attr in ("requires", "provides", "may_provide", "guarantees", "early_needs"):
         value = getattr(cls, attr)

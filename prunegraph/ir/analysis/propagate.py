@@ -87,7 +87,7 @@ def propagate(graph: Graph) -> Propagation:
             continue
         if node.op == "output":
             for out in torch.utils._pytree.tree_leaves(node.args):
-                v = values.get(getattr(out, "name", None))
+                v = values.get(out.name) if isinstance(out, torch.fx.Node) else None
                 if isinstance(v, Value):
                     for a in v.atoms:
                         spaces.pin(a, "model output")
