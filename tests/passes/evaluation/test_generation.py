@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from _tiny_tokenizer import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GenerationConfig
@@ -22,9 +21,6 @@ from prunegraph.passes.evaluation.generation import (
     repetition_rate,
     token_agreement,
 )
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from _tiny_tokenizer import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,9 +22,6 @@ from prunegraph.data.text import (
     tokenizer_adds_bos,
 )
 from prunegraph.errors import PrunegraphError
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 _RNG = random.Random(0)
 #: Random letters, so that no two aligned slices of the token stream are equal.

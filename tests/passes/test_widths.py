@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from _gate_fixtures import corpus, one_thread  # noqa: F401
+from _paths import ROOT
 from _tiny_tokenizer import make_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,13 +122,11 @@ def test_auto_reads_the_model_and_meta_models_run_on_this_machine(monkeypatch):
 
 
 def test_every_rule_names_its_source_and_the_cpu_rule_is_the_measured_multiple():
-    from pathlib import Path
-
     for rule in WIDTH_RULES:
         assert rule.multiple >= 1 and rule.multiple & (rule.multiple - 1) == 0
         assert rule.source.startswith(("measured", "assumed"))
     assert WIDTH_RULES[-1].device == "" and not WIDTH_RULES[-1].dtypes  # everything resolves
-    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    results = ROOT / "benchmarks" / "results"
     cpu = json.loads((results / "cpu_speed.json").read_text())
     assert resolve_round_to("auto", device="cpu", dtype="float32").multiple == \
         cpu["cpu_widths"]["wanted_multiple"]

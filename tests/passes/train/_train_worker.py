@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helper modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the tests' helper modules
 
 import torch  # noqa: E402
 

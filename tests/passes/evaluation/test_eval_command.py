@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from _tiny_tokenizer import make_tokenizer
 
 from prunegraph.data.models import load_model
 from prunegraph.data.tasks import BUILTIN_TASKS
@@ -20,8 +21,7 @@ from prunegraph.passes.evaluation.generation import (
     token_agreement,
 )
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # test_evaluation, next to this file
 from test_evaluation import _args  # noqa: E402
 
 

@@ -5,18 +5,13 @@ MoEfied one."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of
 
 from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import contiguous_layout, moefy
 from prunegraph.targets.triton.runner import install_prunepath_mlps, own_forwards, uninstall
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _pruning_fixtures import fresh, groups_of  # noqa: E402
 
 
 def _routed(layout_of, tau: float = 0.6):

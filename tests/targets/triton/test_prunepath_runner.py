@@ -4,11 +4,9 @@ grouped prefill kernels or on the module's own forward."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of, input_ids
 
 from prunegraph.errors import PrunegraphError
 from prunegraph.passes.prunepath import router as pp
@@ -18,9 +16,6 @@ from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton import runner
 from prunegraph.targets.triton.prunepath import PrunePathFFN
 from prunegraph.targets.triton.runner import install_prunepath_mlps, uninstall
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _pruning_fixtures import fresh, groups_of, input_ids  # noqa: E402
 
 NEW_TOKENS = 5
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from _gate_fixtures import corpus, one_thread  # noqa: F401
+from _paths import ROOT
 from _pruning_fixtures import groups_of
 from _tiny_tokenizer import make_tokenizer
 
@@ -215,12 +216,9 @@ def test_spec_form_nests_the_training_settings():
 
 
 def test_the_shipped_distill_example_resolves():
-    from pathlib import Path
-
     from prunegraph.pipeline.spec import load_spec
 
-    root = Path(__file__).resolve().parent.parent
-    spec = load_spec(root / "examples" / "distill-smollm2.yaml")
+    spec = load_spec(ROOT / "examples" / "distill-smollm2.yaml")
     names = [p.pass_name() for p in spec.pipeline.passes]
     assert names.index("Slice") < names.index("Distill") < names.index("Save")
     distill_pass = spec.pipeline.passes[names.index("Distill")]

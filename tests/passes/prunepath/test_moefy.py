@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +19,6 @@ from prunegraph.passes.prunepath.moefy import (
     moefy,
 )
 from prunegraph.pipeline.contract import State
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _pruning_fixtures import fresh, groups_of  # noqa: E402
 
 ARCHS = ["llama", "qwen3", "phi3", "gpt2"]
 

@@ -18,15 +18,12 @@ installed (``pip install 'prunegraph[lm-eval]'``), offline, on a local dataset.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from _tiny_tokenizer import make_tokenizer
 
 from prunegraph.data.tasks import Example, task_from_json
 from prunegraph.passes.evaluation.metrics import multiple_choice, option_loglikelihoods, score_choices
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 #: (choices, index of the correct one, log-likelihoods, expected (acc, acc_norm, acc_bytes))
 CASES = [

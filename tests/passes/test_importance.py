@@ -11,7 +11,6 @@ import copy
 import functools
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -27,8 +26,6 @@ from prunegraph.passes.allocate import allocate, check_budget, max_removable
 from prunegraph.passes.importance import score_groups, unit_sums
 from prunegraph.passes.prune import Prune
 from prunegraph.pipeline.contract import State, get_pass_class
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 
 def make_tokenizer():

@@ -5,10 +5,11 @@ before work."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of
+from _tiny_tokenizer import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,10 +21,6 @@ from prunegraph.passes.prunepath.training import PrunePath, PrunePathObjective, 
 from prunegraph.passes.train import TrainConfig, TrainingHalted, fit
 from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn_reference, prunepath_gates
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _pruning_fixtures import fresh, groups_of  # noqa: E402
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 
 def _routed(arch: str, group_size: int = 12, tau: float = 0.6, mode: str = "exclusive",

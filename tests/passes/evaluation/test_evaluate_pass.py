@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
+from _tiny_tokenizer import make_tokenizer
 
 import prunegraph.passes  # noqa: F401  (registers the passes)
 from prunegraph.data.models import load_model
@@ -19,9 +19,6 @@ from prunegraph.passes.evaluation.generation import greedy_continuations, load_p
 from prunegraph.passes.evaluation.metrics import perplexity
 from prunegraph.pipeline import Pipeline
 from prunegraph.pipeline.contract import State
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _pruning_fixtures import fresh, groups_of
+from _tiny_tokenizer import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,10 +22,6 @@ from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath
 from prunegraph.pipeline.contract import State
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _pruning_fixtures import fresh, groups_of  # noqa: E402
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 
 def _explicit_norms(h: torch.Tensor, wd: torch.Tensor, g: int) -> torch.Tensor:

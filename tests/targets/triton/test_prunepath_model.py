@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _pruning_fixtures import fresh, groups_of
 
 from prunegraph.passes.prunepath import router as pp
 from prunegraph.passes.prunepath.moefy import MoEfy
 from prunegraph.passes.prunepath.training import PrunePath
 from prunegraph.pipeline.contract import State
 from prunegraph.targets.triton.prunepath import prunepath_ffn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _pruning_fixtures import fresh, groups_of  # noqa: E402
 
 
 @pytest.mark.parametrize("arch,mode,tau", [("llama", "exclusive", 0.6), ("phi3", "inclusive", 0.4)])

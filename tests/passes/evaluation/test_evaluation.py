@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 import pytest
 import torch
+from _tiny_tokenizer import make_tokenizer
 
 from prunegraph.data.models import load_model
 from prunegraph.data.tasks import BUILTIN_TASKS, load_task, task_from_json
 from prunegraph.data.text import Document, token_blocks
 from prunegraph.errors import PrunegraphError
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity, select_examples
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _tiny_tokenizer import make_tokenizer  # noqa: E402
 
 #: Plain prompts (no prefixes, no appended choices), so a hand computation sees the same text.
 SYNTHETIC = {
