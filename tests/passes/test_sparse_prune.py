@@ -124,6 +124,7 @@ def test_bad_settings_fail_at_construction():
         oneshot_masks(fresh("llama"), "magnitude", 0.5, "2:3")
 
 
+@pytest.mark.slow
 def test_save_reload_with_plain_transformers_and_export_onnx(tmp_path, corpus):
     from transformers import AutoModelForCausalLM
 

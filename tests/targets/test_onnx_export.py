@@ -42,6 +42,7 @@ def _layer_widths(model: nn.Module) -> set[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("arch", EXPORT_ARCHS)
+@pytest.mark.slow
 def test_pruned_export_matches_onnxruntime(arch, tmp_path):
     import onnx
 
@@ -70,6 +71,7 @@ def test_pruned_export_matches_onnxruntime(arch, tmp_path):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_saved_run_folder(tmp_path, capsys):
     """``prunegraph export onnx RUN out.onnx`` on a run folder whose model/ is a pruned checkpoint."""
     import json

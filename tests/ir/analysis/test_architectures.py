@@ -24,6 +24,7 @@ def kinds(analysis, layer=None):
     return sorted(g.kind for g in analysis.prunable() if layer is None or g.layer == layer)
 
 
+@pytest.mark.slow
 def test_totals_add_up_for_every_architecture():
     for arch in RANDOM_CONFIGS:
         model, a = analysis_of(arch)

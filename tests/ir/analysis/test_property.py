@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,6 +88,7 @@ def _draw_units(data, group: Group):
 
 @settings(max_examples=14, deadline=None, suppress_health_check=list(HealthCheck))
 @given(configs(), st.data())
+@pytest.mark.slow
 def test_zeroing_at_gate_site_equals_zeroing_every_member(cfg, data):
     arch, config, seed = cfg
     torch.manual_seed(seed)

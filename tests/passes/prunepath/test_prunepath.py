@@ -129,6 +129,7 @@ def test_save_reload_same_outputs_and_tau_changeable(arch, tmp_path):
         assert torch.equal(model(input_ids=_ids()).logits, dense)
 
 
+@pytest.mark.slow
 def test_training_moves_router_and_ffn_with_their_own_learning_rates(tmp_path):
     model = fresh("llama")
     state = State(model=model, groups=list(groups_of("llama")), tokenizer=make_tokenizer())
@@ -163,6 +164,7 @@ def _moefied(arch: str = "llama") -> State:
     return MoEfy(group_size=12, iters=5)(state).state
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
     train = dict(steps=5, batch_size=2, block_len=16, grad_accum=2, checkpoint_every=2)
     kw = dict(warmup_steps=2, lr=1e-3, router_lr=1e-2, train=train)
@@ -194,6 +196,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path):
     assert (tmp_path / "c" / "prunepath" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_router_scope_trains_only_the_routers_and_keeps_the_flags():
     state = _moefied()
     before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
@@ -285,6 +288,7 @@ def test_remove_restores_the_dense_permuted_model():
     assert not any("prunepath" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_sparse_stage_tau_range_is_sampled_per_step_and_reproducible(tmp_path):
     kw = dict(warmup_steps=1, train=dict(steps=7, batch_size=2, block_len=16), train_tau=0.5,
               train_tau_max=0.9)

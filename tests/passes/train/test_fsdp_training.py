@@ -23,8 +23,9 @@ from _gate_fixtures import write_corpus
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_worker import gate_run, polish_run, prunepath_run  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.slow]  # every test starts two processes
 
 WORKER = Path(__file__).parent / "_train_worker.py"
 ATOL = 1e-5

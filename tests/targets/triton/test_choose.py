@@ -42,6 +42,7 @@ class FakeTimer:
         return {"triton": 10.0, "torch": 20.0}[path]
 
 
+@pytest.mark.slow
 def test_timed_choice_is_recorded_and_obeyed(tmp_path, device, monkeypatch):
     """B's bucket of 16 tokens and A's largest bucket go to PyTorch; everything else to
     Triton. The module says so (path, times, source) and its launchers dispatch accordingly."""
@@ -106,6 +107,7 @@ def test_plans_must_cover_every_bucket():
         generate_source([A], {A.key: plan[:-1]})
 
 
+@pytest.mark.slow
 def test_export_records_the_plans(tmp_path, device):
     from _pruning_fixtures import fresh, random_plan
 

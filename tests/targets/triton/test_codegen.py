@@ -67,6 +67,7 @@ def test_generated_module_matches_reference(tmp_path_factory, device, shapes, T,
         assert y.dtype == dtype and err <= TOL[dtype] * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.slow
 def test_source_is_standalone_and_readable(tmp_path, device):
     shapes = [MLPShape("model.layers.0.mlp", 64, 61, torch.float32),
               MLPShape("model.layers.1.mlp", 64, 37, torch.float32),
@@ -157,6 +158,7 @@ def _logits(model, ids):
         return model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
+@pytest.mark.slow
 def test_install_matches_pytorch_and_uninstall_restores(tmp_path, pruned_llama):
     model = pruned_llama
     shapes = mlp_shapes(model, MLP_PATHS)
@@ -184,6 +186,7 @@ def test_install_matches_pytorch_and_uninstall_restores(tmp_path, pruned_llama):
     assert calls == {p: 2 for p in MLP_PATHS}
 
 
+@pytest.mark.slow
 def test_fallback_off_triton_devices_warns_once(tmp_path, pruned_llama, monkeypatch):
     model = pruned_llama.to("cpu")  # a device triton does not target once the interpreter is off
     ids = torch.randint(3, 256, (1, 4), generator=torch.Generator().manual_seed(2))
@@ -199,6 +202,7 @@ def test_fallback_off_triton_devices_warns_once(tmp_path, pruned_llama, monkeypa
     assert torch.equal(a, want) and torch.equal(b, want)
 
 
+@pytest.mark.slow
 def test_install_checks_every_path_before_changing_any(tmp_path, pruned_llama):
     model = pruned_llama
     good = write_module(mlp_shapes(model, MLP_PATHS), tmp_path / "good.py")

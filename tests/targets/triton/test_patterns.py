@@ -87,6 +87,7 @@ def test_gated_mlps_of_every_architecture(arch):
 
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 10_000), arch=st.sampled_from(["llama", "phi3", "qwen2-moe"]))
+@pytest.mark.slow
 def test_pattern_weights_reproduce_the_module_for_random_plans(seed, arch):
     model = _pruned(arch, seed)
     found = gated_mlps(model)

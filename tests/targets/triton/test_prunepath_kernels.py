@@ -157,6 +157,7 @@ DECODE_TILES = st.fixed_dictionaries({
        T=st.sampled_from([1, 1, 2, 5]), tau=st.floats(0.01, 1.0), mode=st.sampled_from(MODES),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), packed=st.booleans(),
        tiles=DECODE_TILES, std=st.floats(0.3, 4.0), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_decode_matches_reference(device, H, G, I, T, tau, mode, dtype, packed, tiles, std,
                                   seed):
     """Decode kernels (T = 1: fused selection and reduction; T > 1: union, tl.dot tiles)."""

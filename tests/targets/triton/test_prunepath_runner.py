@@ -52,6 +52,7 @@ def _count_kernel_calls(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("tau,prefill", [(0.6, "grouped"), (0.3, "grouped"), (0.6, "masked")])
+@pytest.mark.slow
 def test_greedy_tokens_equal_the_pytorch_path(routed_llama, monkeypatch, tau, prefill):
     model = routed_llama
     pp.set_tau(model, tau)

@@ -55,6 +55,7 @@ def test_swiglu_matches_reference(device, H, I, T, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_every_bucket_config_at_odd_widths(device, dtype):
     """Each bucket's config (and every GEMM config at any token count, across several token
     blocks) matches the reference at odd widths; one token runs the GEMV config."""
