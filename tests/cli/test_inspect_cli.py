@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from prunegraph.cli.main import main
 
 
+@pytest.mark.slow
 def test_inspect_writes_json_dot_and_html(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(["inspect", "random:qwen2-moe", "--json", str(out), "--dot", str(tmp_path / "g.dot"),

@@ -66,6 +66,7 @@ def test_one_decoder_layer_in_memory_at_a_time(saved, monkeypatch):
         assert live and all(n.startswith(f"model.layers.{index}.") for n in live)
 
 
+@pytest.mark.slow
 def test_plan_from_a_meta_model_equals_the_in_memory_plan(saved, tmp_path):
     from prunegraph.passes import Analyze, Prune
     from prunegraph.pipeline import Load, Pipeline

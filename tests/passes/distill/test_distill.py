@@ -147,6 +147,7 @@ def test_full_mode_leaves_embeddings_alone_unless_asked(tmp_path, corpus, dense_
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.slow
 def test_resume_after_interruption_is_bit_exact(tmp_path, corpus, dense_dir, mode):
     kw = dict(mode=mode, lr=1e-3, train={"steps": 6, "checkpoint_every": 2, "source": corpus,
                                          "keep_checkpoint": True})

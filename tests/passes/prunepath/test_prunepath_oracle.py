@@ -112,6 +112,7 @@ def test_initialisations_agree_with_the_oracle_more_than_zero(method):
         assert 0 < summary["init_r2"] <= 1
 
 
+@pytest.mark.slow
 def test_distillation_moves_the_router_toward_the_oracle(tmp_path):
     state = _moefied()
     state.run_dir = tmp_path

@@ -17,6 +17,7 @@ from prunegraph.targets.triton.export import export_triton, swiglu_mlp_paths
 from prunegraph.targets.triton.runner import install_triton_mlps, uninstall
 
 
+@pytest.mark.slow
 def test_export_cli_writes_kernels_that_reproduce_the_pruned_model(tmp_path, capsys):
     plan = random_plan("llama", 3)
     model = fresh("llama")
@@ -42,6 +43,7 @@ def test_export_cli_writes_kernels_that_reproduce_the_pruned_model(tmp_path, cap
     ("phi3", ["model.layers.0.mlp", "model.layers.1.mlp"]),  # one fused gate_up_proj weight
     ("qwen2-moe", ["model.layers.0.mlp.shared_expert", "model.layers.1.mlp.shared_expert"]),
 ])
+@pytest.mark.slow
 def test_gated_mlps_found_in_the_graph_get_kernels(arch, served, tmp_path):
     """Not only modules named gate_proj/up_proj: the graph's gated MLPs run the kernels and
     reproduce the pruned model."""
@@ -64,6 +66,7 @@ def test_gated_mlps_found_in_the_graph_get_kernels(arch, served, tmp_path):
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_without_swiglu_mlps_is_refused_before_writing(tmp_path):
     paths, skipped = swiglu_mlp_paths(fresh("gpt2"))  # GELU MLP with c_fc / c_proj
     assert paths == []
@@ -77,6 +80,7 @@ def test_a_model_without_swiglu_mlps_is_refused_before_writing(tmp_path):
     assert all("gelu_tanh is not SiLU" in r for r in skipped.values())
 
 
+@pytest.mark.slow
 def test_export_triton_pass_writes_into_the_run_folder(tmp_path):
     from prunegraph.pipeline.contract import State
     from prunegraph.targets.triton.export import ExportTriton

@@ -183,6 +183,7 @@ PREFILL_TILES = st.builds(PrefillBlocks, block_m=st.sampled_from([16, 32]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), path=st.sampled_from(
            ["grouped", "grouped", "masked"]), tiles=PREFILL_TILES, std=st.floats(0.3, 4.0),
        seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_prefill_matches_reference(device, H, G, I, T, tau, mode, dtype, path, tiles, std, seed):
     """Grouped prefill (tokens sorted by expert, grouped gate/up GEMM, weighted scatter, dense
     down) and the masked prefill, tau > 1 (every expert) included."""
