@@ -71,7 +71,11 @@ def test_every_pass_reads_text_through_it(monkeypatch, corpus):
     PrunePath(warmup_steps=1, train={"steps": 2, "batch_size": 2, "block_len": 12,
                                      "source": corpus})(moe)
     TauSweep(taus=[0.5], ppl_blocks=1, seq_len=14, source=corpus)(moe)
-    # Evaluate: the in-domain text, then the out-of-domain one (austen by default)
+    # Evaluate: the in-domain text, then the out-of-domain one (austen by default); PrunePath:
+    # the routers' initial fit (init_blocks=16), held-out probes before and after training
+    # (probe_blocks=2 of 512 tokens), the training stream
     assert calls == [("calibration", 24, 3), ("evaluation", 20, 2), ("evaluation", 20, 2),
                      ("calibration", 28, None),
-                     ("calibration", 12, None), ("evaluation", 14, 1)]
+                     ("calibration", 12, 16), ("evaluation", 512, 2), ("calibration", 12, None),
+                     ("evaluation", 512, 2),
+                     ("evaluation", 14, 1)]
