@@ -16,8 +16,9 @@ never a silent guess. Third-party code registers rules for its own custom ops th
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -87,8 +88,8 @@ class RuleContext:
         return v
 
     def meta_shape(self, node: torch.fx.Node | None = None) -> list:
-        val = (node or self.node).meta.get("val")
-        return list(val.shape) if hasattr(val, "shape") else []
+        shape = getattr((node or self.node).meta.get("val"), "shape", None)
+        return list(shape) if shape is not None else []
 
     def fresh(self, shape, **flags: str) -> list[int]:
         return [self.spaces.new(s, **flags) for s in shape]

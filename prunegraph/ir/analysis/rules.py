@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from prunegraph.ir.analysis.registry import RuleContext, Value, rule
+from prunegraph.ir.analysis.registry import Origin, RuleContext, Value, rule
 from prunegraph.ir.analysis.spaces import Conflict, as_size
 
 
@@ -73,12 +73,13 @@ def _is_tensor(ctx: RuleContext, a) -> bool:
 def _broadcast(ctx: RuleContext) -> Value:
     """Elementwise with broadcasting: equal dims unify, size-1 dims broadcast."""
     shape = ctx.meta_shape()
-    ins = [(a, ctx.value(a)) for a in ctx.node.args if ctx.value(a) is not None]
+    ins = [(a, v) for a in ctx.node.args
+           if isinstance(a, torch.fx.Node) and (v := ctx.value(a)) is not None]
     if not ins:
         return Value(ctx.fresh(shape))
     ndim = len(shape)
     atoms: list[int | None] = [None] * ndim
-    origins = [None] * ndim
+    origins: list[Origin | None] = [None] * ndim
     for a, v in ins:
         in_shape = ctx.meta_shape(a)
         off = ndim - len(in_shape)
@@ -86,20 +87,21 @@ def _broadcast(ctx: RuleContext) -> Value:
             o = d + off
             if as_size(s) == 1 and as_size(shape[o]) != 1:
                 continue
-            if atoms[o] is None:
+            known = atoms[o]
+            if known is None:
                 atoms[o] = v.atoms[d]
                 origins[o] = v.origins[d]
             else:
-                ctx.unify(atoms[o], v.atoms[d], "elementwise operands disagree")
+                ctx.unify(known, v.atoms[d], "elementwise operands disagree")
                 origins[o] = origins[o] or v.origins[d]
         # a 1-D parameter multiplying / adding along a dim is a norm weight / bias
         for d in range(len(in_shape)):
             if v.origins[d] is not None:
                 role = "norm" if ctx.node.target in (aten.mul.Tensor, aten.mul_.Tensor) else "bias"
                 ctx.use(v, d, role)
-    atoms = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
+    filled = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
     # arithmetic on index tensors no longer names the same entries: drop the value space
-    return Value(atoms, origins, None, any(v.param_dep for _, v in ins))
+    return Value(filled, origins, None, any(v.param_dep for _, v in ins))
 
 
 # ---- reductions -----------------------------------------------------------------------------
@@ -112,7 +114,8 @@ def _reduce(ctx: RuleContext, pin_why: str | None) -> Value:
     if isinstance(dims, int):
         dims = [dims]
     dims = {_norm_dim(d, v.ndim) for d in dims}
-    atoms, origins = [], []
+    atoms: list[int] = []
+    origins: list[Origin | None] = []
     for d in range(v.ndim):
         if d in dims:
             if pin_why:
@@ -232,7 +235,8 @@ def _sdpa(ctx: RuleContext):
     out = [*q.atoms[:-1], v.atoms[-1]]
     if ctx.node.target is aten.scaled_dot_product_attention.default:
         return Value(out, [], None, True)
-    return (Value(out, [], None, True),) + tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    rest = tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    return (Value(out, [], None, True),) + rest
 
 
 @rule(aten.embedding.default)
@@ -389,7 +393,8 @@ def _expand(ctx: RuleContext) -> Value:
         if d >= 0 and as_size(in_shape[d]) == as_size(s) and ctx.node.target is not aten.repeat.default:
             atoms.append(v.atoms[d])
             origins.append(v.origins[d])
-        elif d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1 and as_size(s) != as_size(in_shape[d]):
+        elif (d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1
+              and as_size(s) != as_size(in_shape[d])):
             rep = ctx.spaces.new(as_size(s) / as_size(in_shape[d]), replica=ctx.node.name)
             merged = ctx.spaces.new(s)
             ctx.spaces.define(merged, "prod", [rep, v.atoms[d]])
@@ -512,8 +517,8 @@ def _cat(ctx: RuleContext) -> Value:
     tensors = ctx.arg(0)
     shape = ctx.meta_shape()
     d = _norm_dim(ctx.kwarg("dim", 1, 0), len(shape))
-    vals = [(t, ctx.value(t)) for t in tensors]
-    vals = [(t, v) for t, v in vals if v is not None and len(ctx.meta_shape(t)) == len(shape)]
+    vals = [(t, v) for t in tensors
+            if (v := ctx.value(t)) is not None and len(ctx.meta_shape(t)) == len(shape)]
     atoms = []
     for i in range(len(shape)):
         if i == d:
@@ -578,12 +583,11 @@ def _index(ctx: RuleContext) -> Value:
     x = ctx.input(0)
     indices = ctx.arg(1)
     shape = ctx.meta_shape()
-    idx_vals = [ctx.value(i) if i is not None else None for i in indices]
-    present = [i for i, t in enumerate(idx_vals) if t is not None]
+    idx_vals = {d: v for d, i in enumerate(indices) if (v := ctx.value(i)) is not None}
+    present = sorted(idx_vals)
     if not present:
         return _carry(x)
-    for d in present:
-        iv = idx_vals[d]
+    for d, iv in idx_vals.items():
         if iv.value_space is not None:
             ctx.unify(x.atoms[d], iv.value_space, "gathered by routed index")
         elif ctx.spaces.static_size(x.atoms[d]) not in (None, 1):
@@ -606,7 +610,8 @@ def _like(ctx: RuleContext) -> Value:
     """Fresh tensors shaped like the input: same dims, no values carried."""
     v = ctx.input(0)
     shape = ctx.meta_shape()
-    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, ctx.meta_shape(ctx.arg(0)))):
+    in_shape = ctx.meta_shape(ctx.arg(0))
+    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, in_shape)):
         return Value(list(v.atoms), [], None, False)
     return Value(ctx.fresh(shape))
 
