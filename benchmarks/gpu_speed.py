@@ -518,8 +518,8 @@ def markdown(result: dict, args) -> str:
                   "|---|" + "---|" * len(cw["multiples"])]
         for T, row in cw["sweep"].items():
             rel = {int(m): v for m, v in row["speed_per_channel_vs_all_widths"].items()}
-            lines.append(f"| {T} | " + " | ".join(_fmt(rel[m], 3) if m in rel else "" for m in cw["multiples"])
-                         + " |")
+            cells = (_fmt(rel[m], 3) if m in rel else "" for m in cw["multiples"])
+            lines.append(f"| {T} | " + " | ".join(cells) + " |")
         lines += ["", f"Width multiple the CPU wants (smallest within 2% of the best, at "
                   f"{max(cw['sweep'])} tokens): **{cw['wanted_multiple']}**.", ""]
     return "\n".join(lines)

@@ -62,7 +62,7 @@ def speed(models: dict[str, torch.nn.Module], reps: int, prefill_len: int, new_t
     ids = torch.randint(100, 40000, (1, prefill_len), generator=gen)
     prompt = ids[:, :32]
     times = {k: {"prefill": [], "decode": []} for k in models}
-    for name, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         prefill_seconds(m, ids)
         decode_tokens_per_s(m, prompt, 8)
     for _ in range(reps):

@@ -124,9 +124,9 @@ def tiny_model(folder: Path) -> str:
 def dense_folder(spec: str, folder: Path) -> str:
     """The dense model saved once as a HF folder (safetensors), so that each Distill reloads
     its teacher in a second instead of dequantising the GGUF file again."""
-    from prunegraph.data.models import load_model
-
     from transformers import AutoModelForCausalLM
+
+    from prunegraph.data.models import load_model
 
     model, tokenizer = load_model(spec)
     plain = AutoModelForCausalLM.from_config(model.config)  # GGUF-loaded models refuse to save

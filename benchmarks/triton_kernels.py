@@ -51,7 +51,7 @@ def bench_swiglu(dtype, shapes, tokens, compile_: bool, out_dir: str) -> list[di
     specs = [MLPShape(name, H, I, dtype) for name, H, I in shapes]
     mod = load_module(write_module(specs, os.path.join(out_dir, "bench_mlps.py")))
     rows = []
-    for (name, H, I), spec in zip(shapes, specs):
+    for name, H, I in shapes:
         run = mod.LAYERS[name]["run"]
         g = torch.Generator(device="cuda").manual_seed(0)
         wg = (torch.randn(I, H, device="cuda", generator=g) / H**0.5).to(dtype)

@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--leap-steps", type=int, default=0,
                    help="override the example's Train.steps (polish scaled alike); 0 = as is")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu",
+                   help="where every method runs (cuda: LEAP trains under bf16 autocast)")
     p.add_argument("--out", default="benchmarks/results/unstructured.json")
     p.add_argument("--markdown", default=None)
     p.add_argument("--redo", action="store_true", help="recompute rows already in --out")
@@ -145,6 +147,7 @@ def main() -> None:
     if stale:
         print(f"recomputing rows made with other settings: {', '.join(stale)}", flush=True)
     model0, tok = load_model("smollm2-135m")
+    model0.to(args.device)
     base = {n: p.detach().clone() for n, p in model0.state_dict().items()}
     _, held = split_documents(load_documents("wikipedia"))
     blocks = token_blocks(tok, held, args.seq_len, args.ppl_blocks)
@@ -175,8 +178,10 @@ def main() -> None:
                **({"leap_config": leap_config} if method == "leap" else {})}
         rows[k] = row
         print(k, {x: row[x] for x in ("ppl", "mean_acc", "cpu_s")}, flush=True)
-        data = {"machine": f"{platform.processor() or platform.machine()}, "
-                           f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                 else f"{platform.processor() or platform.machine()}, "
+                      f"{torch.get_num_threads()} threads")
+        data = {"machine": f"{where}, torch {torch.__version__}",
                 "command": command, "rows": list(rows.values())}
         atomic_write_text(out, to_json(data))
     if args.markdown:

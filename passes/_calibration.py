@@ -8,10 +8,12 @@ are restored, even when the forward raises.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from prunegraph.plan.gating import linear_input_dim
 
 __all__ = ["input_norms", "taylor_saliency", "batches", "linear_owners"]
 
@@ -27,15 +29,18 @@ def batches(blocks: torch.Tensor, batch_size: int, progress: bool, desc: str) ->
         yield blocks[i:i + batch_size]
 
 
-def _input_dim(mod: nn.Module) -> int | None:
-    """Dim of ``mod.weight`` that indexes input features, for modules computing ``x @ W``:
-    ``nn.Linear`` (``[out, in]``: 1) and the ``Conv1D`` of GPT-2-style HF models (``[in, out]``:
-    0, recognised by its ``nf``/``nx`` attributes); ``None`` for anything else."""
-    if isinstance(mod, nn.Linear):
-        return 1
-    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx"):
-        return 0
-    return None
+def sum_input_squares(modules: Iterable[nn.Module]) -> tuple[dict[int, torch.Tensor], list]:
+    """Forward hooks adding up each module's squared input features over every token it sees
+    (``sq[id(module)]``, float32 ``[in]``); remove the returned handles when done."""
+    sq: dict[int, torch.Tensor] = {}
+
+    def hook(mod, args, _out):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        s = (x * x).sum(0)
+        sq[id(mod)] = sq[id(mod)] + s if id(mod) in sq else s
+
+    return sq, [mod.register_forward_hook(hook) for mod in modules]
 
 
 def linear_owners(model: nn.Module, names) -> dict[str, tuple[str, nn.Module]]:
@@ -47,7 +52,7 @@ def linear_owners(model: nn.Module, names) -> dict[str, tuple[str, nn.Module]]:
             mod = model.get_submodule(path) if path else model
         except AttributeError:
             continue
-        if _input_dim(mod) is not None and attr in ("weight", "bias"):
+        if linear_input_dim(mod) is not None and attr in ("weight", "bias"):
             out[name] = (attr, mod)
     return out
 
@@ -78,15 +83,7 @@ def input_norms(model: nn.Module, params: Mapping[str, nn.Parameter], blocks: to
     """
     owners = linear_owners(model, params)
     modules = {id(mod): mod for _, mod in owners.values()}
-    sq: dict[int, torch.Tensor] = {}
-
-    def hook(mod, args, _out):
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        s = (x * x).sum(0)
-        sq[id(mod)] = sq[id(mod)] + s if id(mod) in sq else s
-
-    handles = [mod.register_forward_hook(hook) for mod in modules.values()]
+    sq, handles = sum_input_squares(modules.values())
     tokens = forwards = 0
     device = _device(model)
     try:
@@ -104,7 +101,7 @@ def input_norms(model: nn.Module, params: Mapping[str, nn.Parameter], blocks: to
             norms[name] = torch.tensor(float(tokens)).sqrt()
         elif id(mod) in sq:  # a module the forward never reached has no statistics
             shape = [1, 1]
-            shape[_input_dim(mod)] = -1
+            shape[linear_input_dim(mod)] = -1
             norms[name] = sq[id(mod)].sqrt().cpu().reshape(shape)
     return norms, tokens, forwards
 

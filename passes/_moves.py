@@ -9,9 +9,8 @@ the first ``n`` moves. See :mod:`prunegraph.passes.allocate` for how moves are c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

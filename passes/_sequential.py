@@ -40,7 +40,7 @@ from torch import nn
 from prunegraph.errors import PreconditionError
 from prunegraph.ir.capture import canonical_parameters
 from prunegraph.ir.groups import Group
-from prunegraph.passes._calibration import batches, linear_owners
+from prunegraph.passes._calibration import batches, linear_owners, sum_input_squares
 from prunegraph.passes._layers import decoder_layers, layer_prefixes
 
 __all__ = ["WeightSource", "ActivationStore", "score_sequential", "FUSED_EXPERTS",
@@ -372,16 +372,7 @@ def _wanda_layers(skel, groups, blocks, batch_size, device, store, members, cano
         skel.buffers_to(skel.layers[i], device)
         layer_members = {p for p in members if canon[p] in names}
         owners = linear_owners(skel.model, layer_members)
-        sq: dict[int, torch.Tensor] = {}
-
-        def hook(mod, args, _out):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            s = (x * x).sum(0)
-            sq[id(mod)] = sq[id(mod)] + s if id(mod) in sq else s
-
-        handles = [mod.register_forward_hook(hook)
-                   for mod in {id(m): m for _, m in owners.values()}.values()]
+        sq, handles = sum_input_squares({id(m): m for _, m in owners.values()}.values())
         try:
             with torch.no_grad():
                 for b in range(n_batches):

@@ -9,9 +9,10 @@ to units with :func:`unit_sums` (the unit's slice, see :class:`prunegraph.ir.gro
 
 * ``magnitude``: ``e = W**2``; the unit score is the group L2 norm ``sqrt(sum_members sum_slice e)``.
 * ``wanda``: ``e = |W_ij| * ||X_j||_2`` (Sun et al. 2023), ``X_j`` the ``j``-th input feature of the
-  ``nn.Linear`` (or GPT-2's ``Conv1D``) owning ``W``, its norm taken over every calibration token. Rows (producer members)
-  therefore weigh every input feature of the matrix; columns (consumer members) weigh exactly the
-  unit's own channels. A bias is a weight on the constant input 1: ``e = |b_i| * sqrt(tokens)``.
+  ``nn.Linear`` (or GPT-2's ``Conv1D``) owning ``W``, its norm taken over every calibration token.
+  Rows (producer members) therefore weigh every input feature of the matrix; columns (consumer
+  members) weigh exactly the unit's own channels. A bias is a weight on the constant input 1:
+  ``e = |b_i| * sqrt(tokens)``.
   Parameters not owned by an ``nn.Linear`` (fused 3-D expert tensors used in a custom op, raw
   router weights, norms, embeddings) have no input statistics. A group with such a member is
   scored with ``||X|| = 1`` for *all* its members (activation-free ``|W|``, i.e. L1 magnitude), so

@@ -26,7 +26,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 _CACHE = _ROOT / ".pytest_cache" / "prunegraph-groups"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(arch: str) -> torch.nn.Module:
     model, _ = load_model(f"random:{arch}", seed=0)
     return model
@@ -44,7 +44,7 @@ def _analysis_key(arch: str) -> str:
     return h.hexdigest()[:20]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def groups_of(arch: str) -> tuple[Group, ...]:
     """The analysis groups of ``arch`` (cached)."""
     path = _CACHE / f"{arch}-{_analysis_key(arch)}.json"

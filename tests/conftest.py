@@ -3,7 +3,7 @@
 * Tiny models run fastest on one thread (and parallel runs do not fight for cores).
 * Without a GPU, Triton kernels run on triton's CPU interpreter. ``TRITON_INTERPRET`` must be set
   before any kernel module is imported (``triton.jit`` reads it when decorating), and tests outside
-  ``tests/triton`` import them too, so it is set here, first.
+  ``tests/targets/triton`` import them too, so it is set here, first.
 """
 
 import os

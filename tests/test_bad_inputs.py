@@ -277,6 +277,7 @@ def test_a_load_that_fails_at_run_time_marks_the_folder_failed(capsys, tmp_path,
     assert not (out / "model").exists()
 
 
+@pytest.mark.slow
 def test_rerun_never_deletes_a_finished_run_before_the_new_one_succeeds(capsys, tmp_path, spec):
     out = tmp_path / "out"
     assert cli(capsys, "run", spec, "--out", out)[0] == 0
@@ -357,6 +358,7 @@ def test_eval_seq_len_beyond_the_context_is_refused(capsys, tmp_path):
                                 "passes.4.ppl_blocks=1",
                                 "passes.4.taus=[0.5, 0.9]"]),
 ])
+@pytest.mark.slow
 def test_shipped_examples_run_on_a_random_model(capsys, tmp_path, example, shrink):
     spec = Path(__file__).resolve().parent.parent / "examples" / example
     sets = [a for s in ["model=random:llama", *shrink] for a in ("--set", s)]

@@ -175,6 +175,7 @@ def registries_restored():
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_code_blocks_run(doc, tmp_path, monkeypatch, registries_restored):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,7 @@ def test_every_package_folder_is_in_the_wheel():
     assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
 
 
+@pytest.mark.slow
 def test_python_m_runs_the_same_command_line(tmp_path):
     """``python -m prunegraph`` and ``python -m prunegraph.cli`` see every registered command
     (run as ``__main__``, the cli module must not use a registry of its own)."""

@@ -34,9 +34,10 @@ Example::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -11,12 +11,13 @@ The model goes to lm-eval as an object (``HFLM(pretrained=model, tokenizer=token
 pruned model whose layers have different widths, which ``AutoModelForCausalLM`` cannot rebuild
 from its folder, is scored by lm-eval's unchanged code. The built-in BIG-bench scoring
 (:func:`prunegraph.passes.evaluation.multiple_choice`) stays for offline use and follows
-lm-eval's definitions of ``acc`` and ``acc_norm`` (``tests/test_lm_eval.py``).
+lm-eval's definitions of ``acc`` and ``acc_norm`` (``tests/passes/evaluation/test_lm_eval.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prunegraph.errors import PrunegraphError
 from prunegraph.pipeline.contract import nearest

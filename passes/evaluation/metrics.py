@@ -10,7 +10,7 @@
   ``acc_norm`` divides each sum by the option's length in characters first, ``acc_bytes`` by its
   length in UTF-8 bytes (the two differ only for non-ASCII options). Tokenization follows
   lm-eval: the option's tokens are those of ``prompt + " " + option`` beyond the tokens of
-  ``prompt``. ``tests/test_lm_eval.py`` checks this against lm-eval's own code.
+  ``prompt``. ``tests/passes/evaluation/test_lm_eval.py`` checks this against lm-eval's own code.
 
 Both run under ``torch.no_grad`` with the model in eval mode (its mode is restored afterwards).
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -48,7 +48,7 @@ def _add_option(parser: argparse.ArgumentParser, name: str, tp: Any, default: An
     if "default" not in help_text:
         help_text = f"{help_text.rstrip('.')} (default: {default!r})".lstrip()
     help_text = help_text.replace("%", "%%")
-    common = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+    common: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
     if tp is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
     elif typing.get_origin(tp) is typing.Literal:

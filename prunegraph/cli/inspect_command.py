@@ -24,7 +24,8 @@ from prunegraph.cli.main import command
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF folder, .gguf file, 'smollm2-135m', 'random:<arch>' or 'meta:<name>'")
-    p.add_argument("--meta", action="store_true", help="build the model's config on the meta device (no weights)")
+    p.add_argument("--meta", action="store_true",
+                   help="build the model's config on the meta device (no weights)")
     p.add_argument("--json", metavar="PATH", help="write every group with its members as JSON")
     p.add_argument("--dot", metavar="PATH", help="write a Graphviz DOT file of groups and parameters")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")

@@ -131,7 +131,7 @@ class Member:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Member":
+    def from_dict(cls, data: dict[str, Any]) -> Member:
         return cls(**data)
 
 
@@ -167,7 +167,7 @@ class Constraints:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Constraints":
+    def from_dict(cls, data: dict[str, Any]) -> Constraints:
         return cls(**data)
 
 
@@ -226,7 +226,7 @@ class Group:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Group":
+    def from_dict(cls, data: dict[str, Any]) -> Group:
         return cls(
             name=data["name"],
             kind=data["kind"],

@@ -5,8 +5,9 @@ A pass is a frozen dataclass whose fields are its parameters. Its class attribut
 depending on its input (``may_provide``: ``Load`` of a pruned folder provides its ``plan``) and
 the keys it ``invalidates`` with the reason (``Slice`` changes the model's shapes, so the
 ``groups`` no longer describe it). A pipeline is checked against these declarations before it
-runs. Authors write ``run`` only; :meth:`Pass.__call__` alone checks preconditions, the result type and postconditions, and
-wraps foreign exceptions in :class:`~prunegraph.errors.PassError` naming the pass::
+runs. Authors write ``run`` only; :meth:`Pass.__call__` alone checks preconditions, the result
+type and postconditions, and wraps foreign exceptions in :class:`~prunegraph.errors.PassError`
+naming the pass::
 
     from dataclasses import dataclass
     from typing import Literal
@@ -49,7 +50,8 @@ A :class:`State` holds named artifacts (``model``, ``tokenizer``, ``graph``, ``g
 ``gates``, ``plan`` ...) as attributes. Keys are declared with :func:`declare_key` (name, type,
 meaning): a pass that provides a declared key is checked to provide a value of its type, and
 ``prunegraph passes`` shows what each key means. Every artifact a later pass reads is a state key;
-no pass reads another pass's results from attributes hidden on the model. Four *ambient* keys always exist and need not be declared:
+no pass reads another pass's results from attributes hidden on the model. Four *ambient* keys
+always exist and need not be declared:
 ``metrics`` (a dict, saved as ``metrics.json``), ``log`` (a :class:`logging.Logger`), ``run_dir``
 (a :class:`~pathlib.Path`, or ``None`` when the pipeline runs without a run folder) and
 ``progress`` (whether long passes should show progress bars: use :func:`progress_bar`).
@@ -570,7 +572,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
             f"pass {cls.name} must be a dataclass: put @dataclass(frozen=True) under "
             f"@register_pass"
         )
-    if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+    if not cls.__dataclass_params__.frozen:
         raise TypeError(f"pass {cls.name} must be frozen: use @dataclass(frozen=True)")
     for attr in ("requires", "provides", "may_provide", "guarantees", "early_needs"):
         value = getattr(cls, attr)

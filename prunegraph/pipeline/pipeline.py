@@ -323,8 +323,8 @@ class Pipeline:
                 f"the pipeline expects the initial state to hold {', '.join(map(repr, missing))}; "
                 f"pass State({', '.join(f'{k}=...' for k in missing)}) or start with a Load pass"
             )
-        for p in self.passes:  # model names, files: before the run folder exists
-            p.check_inputs()
+        for each in self.passes:  # model names, files: before the run folder exists
+            each.check_inputs()
         if checks is None:
             checks = os.environ.get("PRUNEGRAPH_CHECKS", "") not in ("", "0", "false")
         schedule = early_schedule(self.passes)
@@ -352,9 +352,10 @@ class Pipeline:
         measured: list[str] = []
         params_start = count_params(state.get("model"))
         start = time.perf_counter()
-        i, p = -1, None
+        i = -1
+        p: Pass | None = None  # the pass running, for the error message
 
-        def finish(status: str) -> str:
+        def finish(status: str, state: State) -> str:
             """Record how the run ended and close the folder; a note on where things are."""
             state.metrics["status"] = status
             if folder is None or not folder.is_open:
@@ -409,7 +410,7 @@ class Pipeline:
                 if i == last_collective:
                     distributed.shutdown()  # the other ranks leave; rank 0 goes on alone
             if not distributed.is_main():
-                finish("done")
+                finish("done", state)
                 return state
             summary = run_summary(state.metrics, measured, params_start=params_start,
                                   params_end=count_params(state.get("model")),
@@ -424,7 +425,7 @@ class Pipeline:
                 f"the model saved earlier is in {saved}" if saved else "nothing was saved")
             state.metrics["error"] = message
             _LOG.error("%s", message)
-            note = finish("interrupted")
+            note = finish("interrupted", state)
             raise KeyboardInterrupt(f"{message}.{note}" if note else message) from None
         except Exception as e:
             at = f"pass {i} ({p.pass_name()})" if p is not None else "the start"
@@ -434,8 +435,8 @@ class Pipeline:
             error = PassError(f"pipeline stopped {'at ' * (at != 'early')}{at}: {e}\n"
                               f"  passes already run: {', '.join(done) or 'none'}.")
             _LOG.error("%s", error, exc_info=e)
-            raise PassError(f"{error}{finish('failed')}") from e
-        finish("done")
+            raise PassError(f"{error}{finish('failed', state)}") from e
+        finish("done", state)
         return state
 
 

@@ -50,8 +50,9 @@ from prunegraph.pipeline.pipeline import (
 __all__ = ["Spec", "load_spec", "apply_overrides", "parse_value", "TOP_LEVEL_KEYS"]
 
 #: Top-level keys of a spec and their types (``passes`` aside).
-TOP_LEVEL_KEYS = {"version": int, "model": (str, type(None)), "device": (str, type(None)),
-                  "seed": int, "initial": list, "passes": list}
+TOP_LEVEL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "version": int, "model": (str, type(None)), "device": (str, type(None)),
+    "seed": int, "initial": list, "passes": list}
 
 
 class _Loader(yaml.SafeLoader):
@@ -85,7 +86,7 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (every default filled in, the Load explicit), as plain data."""
-        out = {"version": SPEC_VERSION, "model": self.model}
+        out: dict[str, Any] = {"version": SPEC_VERSION, "model": self.model}
         if self.device is not None:
             out["device"] = self.device
         if self.pipeline.initial:
@@ -142,7 +143,7 @@ class Spec:
                             f"with, but this spec loads its model; remove 'initial' or the "
                             f"model/Load")
         try:
-            if implicit:  # validate first without the Load, so indices match the file
+            if implicit and model is not None:  # validate first without the Load, so indices match the file
                 Pipeline(passes, initial=Load.provides)
                 passes.insert(0, Load(model=model, device=device or "auto"))
             pipeline = Pipeline(passes, initial=tuple(initial or ()))

@@ -254,7 +254,8 @@ def _make_pass(t: Target) -> type[Pass]:
         fields.append((p.name, hints.get(p.name, Any), field(default=p.default)))
     names = [f[0] for f in fields[1:]]
 
-    def validate(self: Pass) -> None:
+    # ``self`` is an instance of the pass class make_dataclass builds below (a Pass with ``fields``)
+    def validate(self: Any) -> None:
         if t.suffix and not self.path.endswith(t.suffix):
             raise SpecError(f"{self.pass_name()}.path must end in {t.suffix}, got {self.path!r}")
         if t.validate is not None:
@@ -263,7 +264,7 @@ def _make_pass(t: Target) -> type[Pass]:
             except SpecError as e:
                 raise SpecError(f"{self.pass_name()}: {e}") from None
 
-    def run(self: Pass, state: State) -> PassResult:
+    def run(self: Any, state: State) -> PassResult:
         from prunegraph.pipeline.runfolder import run_path
 
         out = run_path(state.run_dir, self.path, f"{self.pass_name()}.path")

@@ -31,8 +31,9 @@ with the others, and the plan's JSON records, under the extension's name, the sp
 from __future__ import annotations
 
 import os
+from collections.abc import Set
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ from prunegraph.plan.extensions import registered_extensions
 from prunegraph.plan.plan import Plan
 from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_aligned
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["save_pruned", "from_pretrained", "saved_plan", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
 
 WEIGHTS = "model.safetensors"
@@ -62,7 +66,7 @@ _FIX = ("copy the whole folder again from where it was saved, or re-run the pipe
 _SOURCE_ONLY = ("quantization_config",)
 
 
-def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
+def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> PreTrainedModel:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +134,7 @@ def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike, tokenizer
                                          .removeprefix("torch.")))
     extensions = registered_extensions(load=True)
     added = set().union(*(ext.extra_params(model) for ext in extensions.values()))
-    _check_shapes(model, plan, base_config, skip=added)
+    _check_shapes(model, plan, plan.fingerprint["params"], skip=added)
 
     tied = tied_names(model)
     aliases = {n for names in tied for n in names[1:]}
@@ -204,11 +208,12 @@ def _config_json(model: nn.Module, plan: Plan, base_config: Any, hf_config: Any
     return json.loads(config.to_json_string()), per_layer
 
 
-def _check_shapes(model: nn.Module, plan: Plan, base_config: Any, skip: set[str] = frozenset()
-                  ) -> None:
-    """Refuse to save a model whose shapes are not the plan applied to its base model
-    (parameters in ``skip``, such as PrunePath routers, are added on top of the plan)."""
-    want = plan.sliced_shapes({n: tuple(s) for n, s in plan.fingerprint["params"].items()})
+def _check_shapes(model: nn.Module, plan: Plan, base_params: dict[str, Any],
+                  skip: Set[str] = frozenset()) -> None:
+    """Refuse to save a model whose shapes are not the plan applied to its base model (the
+    fingerprint's ``base_params`` shapes; parameters in ``skip``, such as PrunePath routers, are
+    added on top of the plan)."""
+    want = plan.sliced_shapes({n: tuple(s) for n, s in base_params.items()})
     for names in tied_names(model):  # a tensor held under several names (a shared block)
         for alias in names[1:]:
             if names[0] in want and alias in want:
@@ -318,7 +323,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(path))
-    return model.to(device).eval()
+    # PreTrainedModel.to is @wraps(nn.Module.to): mypy reads the unbound signature (self first)
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def _check_plan_matches_config(path: Path, plan: Plan) -> None:

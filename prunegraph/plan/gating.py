@@ -40,6 +40,7 @@ weights, no multiply). :meth:`GateSet.fold` multiplies the gates into the weight
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -55,6 +56,7 @@ from prunegraph.ir.groups import Group, Member
 
 __all__ = ["GateHandle", "GateSet", "apply_gates", "remove_gates", "installed_gates",
            "unit_multiplier", "owner_of", "gate_shape", "has_gates", "linear_input_dim",
+           "linear_weight",
            "ScaleChannels"]
 
 #: Where the runtime keeps a model's GateSet (one per model); read it with installed_gates().
@@ -121,6 +123,15 @@ def _positions(member: Member, size: int, device: torch.device) -> torch.Tensor:
     return member.block_positions(size).reshape(-1).to(device)
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as the tensor it is (``nn.Module``'s attribute lookup is typed
+    ``Tensor | Module``); a clear error for a module without one."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
 def linear_input_dim(module: nn.Module) -> int | None:
     """Dim of ``module.weight`` that indexes input features, for modules computing ``x @ W``:
     ``nn.Linear`` (``[out, in]``: 1) and the ``Conv1D`` of GPT-2-style HF models (``[in, out]``:
@@ -135,11 +146,8 @@ def linear_input_dim(module: nn.Module) -> int | None:
 def _site_multiplier(gates: GateSet, entries: list[tuple[Member, str]],
                      shape: tuple[int, ...]) -> torch.Tensor:
     """The product of every gate touching one parameter, broadcasting against ``shape``."""
-    mult = None
-    for member, name in entries:
-        m = unit_multiplier(member, gates.values[name], shape)
-        mult = m if mult is None else mult * m
-    return mult
+    mults = [unit_multiplier(member, gates.values[name], shape) for member, name in entries]
+    return functools.reduce(operator.mul, mults)
 
 
 class _Fold(nn.Module):
@@ -192,7 +200,7 @@ class _ActivationSite:
                  input_dim: int) -> None:
         self.gates, self.module, self.entries = gates, module, entries
         self.input_dim = input_dim
-        self.shape = tuple(module.weight.shape)
+        self.shape = tuple(linear_weight(module).shape)
         self.handle = module.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def multiplier(self) -> torch.Tensor:
@@ -210,7 +218,7 @@ class _ActivationSite:
     @torch.no_grad()
     def fold(self) -> None:
         """Multiply the gates into the weight's input columns."""
-        weight = self.module.weight
+        weight = linear_weight(self.module)
         view = [1, 1]
         view[self.input_dim] = -1
         weight.mul_(self.multiplier().to(weight.dtype).reshape(view))
@@ -356,8 +364,8 @@ def apply_gates(model: nn.Module, groups: list[Group],
         if not group.gate_site:
             raise PlanError(f"group {name!r} has no consumer member, so no gate can be folded "
                             f"into it; gate its consumer group instead")
-        if group.constraints.removal == "mask_logit" and not _router_of(group):
-            raise PlanError(f"experts group {name!r} has no router; the analysis must record it")
+        if group.constraints.removal == "mask_logit":
+            _router_of(group)  # an experts group without a router fails here, before any gate
 
     gates = GateSet(model, {n: by_name[n] for n in values}, values)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -402,8 +410,11 @@ def _activation_dim(module: nn.Module, attr: str, entries: list[tuple[Member, st
     return dim
 
 
-def _router_of(group: Group) -> str | None:
-    return group.router or next((m.param for m in group.members if m.role == "router"), None)
+def _router_of(group: Group) -> str:
+    router = group.router or next((m.param for m in group.members if m.role == "router"), None)
+    if not router:
+        raise PlanError(f"experts group {group.name!r} has no router; the analysis must record it")
+    return router
 
 
 def _install_router_mask(model: nn.Module, gates: GateSet, name: str, router: str) -> None:

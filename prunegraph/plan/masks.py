@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from prunegraph.errors import CheckpointError, PrunegraphError, SpecError
+from prunegraph.plan.gating import linear_input_dim, linear_weight
 
 __all__ = ["MaskSet", "sparse_linears", "parse_pattern", "nm_violations", "layer_index",
            "input_dim", "masks_from", "MASKS_FILE", "ROUTING_WEIGHTS"]
@@ -62,24 +63,17 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def input_dim(module: nn.Module) -> int | None:
-    """The weight dim that indexes input features: 1 for ``nn.Linear``, 0 for GPT-2's ``Conv1D``
-    (``[in, out]``, recognised by its ``nf``/``nx`` attributes), None for anything else."""
-    if isinstance(module, nn.Linear):
-        return 1
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return 0
-    return None
+#: The weight dim that indexes input features (1 for ``nn.Linear``, 0 for GPT-2's ``Conv1D``).
+input_dim = linear_input_dim
 
 
 def sparse_linears(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, tuple[nn.Module, int]]:
     """``weight name -> (linear module, input dim)`` of every weight that weight pruning masks
     (see the module docstring), in module order."""
     patterns = [re.compile(s) for s in (*ROUTING_WEIGHTS, *skip)]
-    embeddings = {id(getattr(m, "weight", None)) for m in (
-        model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None,
-        model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
-        if m is not None}
+    getters = [getattr(model, g, None) for g in ("get_output_embeddings", "get_input_embeddings")]
+    embeddings = {id(getattr(m, "weight", None)) for m in (g() for g in getters if g is not None)
+                  if m is not None}
     out = {}
     for path, mod in model.named_modules():
         dim = input_dim(mod)
@@ -221,7 +215,7 @@ class MaskSet:
                    method: str = "from_zeros") -> MaskSet:
         """The masks a model's zeros describe (a checkpoint saved with zeros in place)."""
         linears = sparse_linears(model, skip)
-        return cls({n: (mod.weight.detach() != 0).cpu() for n, (mod, _) in linears.items()},
+        return cls({n: (linear_weight(mod).detach() != 0).cpu() for n, (mod, _) in linears.items()},
                    pattern=pattern, method=method,
                    in_dims={n: d for n, (_, d) in linears.items()})
 

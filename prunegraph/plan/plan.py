@@ -77,7 +77,8 @@ def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     tied = [[_param_name(n) for n in names] for names in tied_names(model)]
     return {"model_class": type(model).__name__, "config_sha256": _sha(cfg),
-            "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg, "params": params}
+            "params_sha256": _sha(params), "params_total": total, "tied": tied, "config": cfg,
+            "params": params}
 
 
 @dataclass
@@ -454,7 +455,7 @@ def _select_row(group: Group, req: list[int], score: torch.Tensor | None, top_k:
                           f"the floor of {floor} ({why}); keep more units or lower the sparsity")
     order = _priority(size, req, score)
     if c.q_per_kv and c.q_per_kv > 1:
-        kept = _gqa(group, req, order, repair)
+        kept = _gqa(group, c.q_per_kv, req, order, repair)
     else:
         kept = list(req)
         if c.round_to > 1:
@@ -475,9 +476,9 @@ def _rounded(k: int, multiple: int, floor: int, size: int) -> int:
     return min(options, key=lambda m: (abs(m - k), -m))
 
 
-def _gqa(group: Group, req: list[int], order: list[int], repair: bool) -> list[int]:
-    """Keep equal query heads per kept kv head; a kv head stays while any of its heads does."""
-    q = group.constraints.q_per_kv
+def _gqa(group: Group, q: int, req: list[int], order: list[int], repair: bool) -> list[int]:
+    """Keep equal query heads (``q`` per kv head) per kept kv head; a kv head stays while any of
+    its heads does."""
     per_kv: dict[int, list[int]] = {}
     for u in order:
         per_kv.setdefault(u // q, []).append(u)

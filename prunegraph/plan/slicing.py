@@ -127,12 +127,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, structural: bool = False,
     touched: set[int] = set()
     for pid, per_dim in masks.items():
         param = next(p for p in named.values() if id(p) == pid)
-        w = param.detach()
+        kept = param.detach()
         for dim, (mask, expert_dim) in sorted(per_dim.items(), key=lambda kv: kv[1][1] is None):
-            w = _select(w, dim, mask, expert_dim)
-        if tuple(w.shape) == tuple(param.shape):
+            kept = _select(kept, dim, mask, expert_dim)
+        if tuple(kept.shape) == tuple(param.shape):
             continue
-        new = nn.Parameter(w.contiguous(), requires_grad=param.requires_grad)
+        new = nn.Parameter(kept.contiguous(), requires_grad=param.requires_grad)
         for module, attr in holders[pid]:
             module._parameters[attr] = new
             touched.add(id(module))
@@ -243,7 +243,7 @@ def _runtime_fallbacks(model: nn.Module, touched: set[int], modules: dict[int, n
         module = modules[mid]
         cfg = module.__dict__.get("config")
         impl = getattr(cfg, "_experts_implementation", None)
-        if impl not in (None, "eager") and not grouped_mm_aligned(module):
+        if cfg is not None and impl not in (None, "eager") and not grouped_mm_aligned(module):
             cfg = copy.copy(cfg)
             cfg._experts_implementation = "eager"
             module.config = cfg

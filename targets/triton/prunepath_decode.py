@@ -508,7 +508,7 @@ class RouterSelection:
             out[t, self.ids[t, :n].long()] = self.weights[t, :n]
         return out
 
-    def with_union(self, num_experts: int) -> "RouterSelection":
+    def with_union(self, num_experts: int) -> RouterSelection:
         """This selection with the union fields filled (computed in PyTorch) if they are not."""
         if self.union_ids is not None:
             return self

@@ -45,7 +45,7 @@ class PrefillBlocks:
         self.block_m, self.block_n, self.block_k = block_m, block_n, block_k
         self.warps, self.stages = warps, stages
 
-    def fitted(self, H: int, G: int) -> "PrefillBlocks":
+    def fitted(self, H: int, G: int) -> PrefillBlocks:
         """The same tiles shrunk to the widths (``tl.dot`` needs 16 at least)."""
         p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
         return PrefillBlocks(self.block_m, min(self.block_n, p2(G)), min(self.block_k, p2(H)),

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from prunegraph.ir.analysis.propagate import Propagation
 from prunegraph.ir.capture import Graph
-from prunegraph.ir.groups import Constraints, Group, Member
+from prunegraph.ir.groups import Constraints, Group, Member, MemberRole
 
 __all__ = ["build_groups"]
 
-_ROLE_ORDER = ("router", "consumer", "producer", "norm", "bias")
+_ROLE_ORDER: tuple[MemberRole, ...] = ("router", "consumer", "producer", "norm", "bias")
 
 
 @dataclass
@@ -121,7 +121,7 @@ def build_groups(graph: Graph, prop: Propagation, notes: list[str] | None = None
             pending_pinned.append(head)
             continue
         chain = chain_of(head)
-        if math.prod(sp.static_size(c) for c in chain) <= 1:
+        if math.prod(sp.known_size(c) for c in chain) <= 1:
             continue
         group = _make_group(graph, prop, head, chain, occurrences[head], expert_heads)
         if group is None:
@@ -155,7 +155,7 @@ def build_groups(graph: Graph, prop: Propagation, notes: list[str] | None = None
     return groups
 
 
-def _role(prop: Propagation, param: str, dim: int, graph: Graph) -> str:
+def _role(prop: Propagation, param: str, dim: int, graph: Graph) -> MemberRole:
     roles = prop.roles.get((param, dim), set())
     for r in _ROLE_ORDER:
         if r in roles:
@@ -168,7 +168,7 @@ def _role(prop: Propagation, param: str, dim: int, graph: Graph) -> str:
 def _make_group(graph: Graph, prop: Propagation, head: int, chain: list[int],
                 occs: list[_Occurrence], expert_heads: set[int]) -> Group | None:
     sp = prop.spaces
-    sizes = [sp.static_size(c) for c in chain]
+    sizes = [sp.known_size(c) for c in chain]  # a chain is free atoms only: static sizes
     size = math.prod(sizes)
     members: list[Member] = []
     blocks: list[int] = []
@@ -185,8 +185,8 @@ def _make_group(graph: Graph, prop: Propagation, head: int, chain: list[int],
         while run < len(chain) and k + run < len(facs) and facs[k + run] == chain[run]:
             run += 1
         rest = facs[k + run:]
-        inner_sizes = [sp.static_size(f) for f in rest]
-        if outer != 1 or any(s is None for s in inner_sizes):
+        inner_sizes = [s for f in rest if (s := sp.static_size(f)) is not None]
+        if outer != 1 or len(inner_sizes) < len(rest):
             return None  # the unit is not outermost in this dim: not representable as slices
         inner = math.prod(inner_sizes) if inner_sizes else 1
         div = math.prod(sizes[run:]) if run < len(chain) else 1
@@ -271,9 +271,10 @@ def _costs(graph: Graph, group: Group, experts: int | None, topk: int | None) ->
         params += per
     group.params_per_unit = params
     routed = 1.0
-    if group.kind in ("experts", "expert_channels") and topk:
-        n = experts if group.kind == "expert_channels" else group.size
-        routed = topk / n
+    if topk and group.kind == "experts":
+        routed = topk / group.size
+    elif topk and group.kind == "expert_channels" and experts is not None:
+        routed = topk / experts
     router_params = sum(math.prod(graph.shapes[m.param]) / graph.shapes[m.param][m.dim]
                         for m in group.members if m.role == "router")
     group.flops_per_unit = 2.0 * ((params - router_params) * routed + router_params)

@@ -106,7 +106,7 @@ def propagate(graph: Graph, *, strict: bool = False) -> Propagation:
             continue
         if node.op == "output":
             for out in torch.utils._pytree.tree_leaves(node.args):
-                v = values.get(getattr(out, "name", None))
+                v = values.get(out.name) if isinstance(out, torch.fx.Node) else None
                 if isinstance(v, Value):
                     for a in v.atoms:
                         spaces.pin(a, "model output")
@@ -175,7 +175,8 @@ def _apply(node, graph: Graph, spaces: Spaces, values, record_use, unruled, stat
     if fn is None:
         if not param_dep:
             # computed from buffers, constants or input data only: its dims pin what they meet
-            return _fresh_outputs(node, spaces, f"computed from no parameter ({node.name} in {module or 'the model'})")
+            where = f"{node.name} in {module or 'the model'}"
+            return _fresh_outputs(node, spaces, f"computed from no parameter ({where})")
         if all(_all_token_dims(spaces, v) and v.value_space is None for v in ins):
             unruled.append(str(target))
             return _fresh_outputs(node, spaces, f"computed by {target}, which has no rule, from "

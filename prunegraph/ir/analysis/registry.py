@@ -109,8 +109,8 @@ class RuleContext:
         return v
 
     def meta_shape(self, node: torch.fx.Node | None = None) -> list:
-        val = (node or self.node).meta.get("val")
-        return list(val.shape) if hasattr(val, "shape") else []
+        shape = getattr((node or self.node).meta.get("val"), "shape", None)
+        return list(shape) if shape is not None else []
 
     def fresh(self, shape, **flags: str) -> list[int]:
         return [self.spaces.new(s, **flags) for s in shape]

@@ -100,10 +100,11 @@ def _broadcast(ctx: RuleContext) -> Value:
             o = d + off
             if as_size(s) == 1 and as_size(shape[o]) != 1:
                 continue
-            if atoms[o] is None:
+            known = atoms[o]
+            if known is None:
                 atoms[o] = v.atoms[d]
             else:
-                ctx.unify(atoms[o], v.atoms[d], "elementwise operands disagree")
+                ctx.unify(known, v.atoms[d], "elementwise operands disagree")
         # a 1-D parameter multiplying / adding along a dim is a norm weight / bias
         for d in range(len(in_shape)):
             if v.origins[d] is not None:
@@ -221,7 +222,8 @@ def _sdpa(ctx: RuleContext):
     out = [*q.atoms[:-1], v.atoms[-1]]
     if ctx.node.target is aten.scaled_dot_product_attention.default:
         return Value(out, [], None, True)
-    return (Value(out, [], None, True),) + tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    rest = tuple(Value(ctx.fresh(getattr(t, "shape", []))) for t in ctx.node.meta["val"][1:])
+    return (Value(out, [], None, True),) + rest
 
 
 @rule(aten.embedding.default)
@@ -443,7 +445,8 @@ def _expand(ctx: RuleContext) -> Value:
         if d >= 0 and as_size(in_shape[d]) == as_size(s) and ctx.node.target is not aten.repeat.default:
             atoms.append(v.atoms[d])
             origins.append(v.origins[d])
-        elif d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1 and as_size(s) != as_size(in_shape[d]):
+        elif (d >= 0 and ctx.node.target is aten.repeat.default and as_size(in_shape[d]) != 1
+              and as_size(s) != as_size(in_shape[d])):
             rep = ctx.spaces.new(as_size(s) / as_size(in_shape[d]), replica=ctx.node.name)
             merged = ctx.spaces.new(s)
             ctx.spaces.define(merged, "prod", [rep, v.atoms[d]])
@@ -571,8 +574,8 @@ def _cat(ctx: RuleContext) -> Value:
     tensors = ctx.arg(0)
     shape = ctx.meta_shape()
     d = _norm_dim(ctx.kwarg("dim", 1, 0), len(shape))
-    vals = [(t, ctx.value(t)) for t in tensors]
-    vals = [(t, v) for t, v in vals if v is not None and len(ctx.meta_shape(t)) == len(shape)]
+    vals = [(t, v) for t in tensors
+            if (v := ctx.value(t)) is not None and len(ctx.meta_shape(t)) == len(shape)]
     atoms = []
     for i in range(len(shape)):
         if i == d:
@@ -646,8 +649,8 @@ def _index(ctx: RuleContext) -> Value:
     x = ctx.input(0)
     indices = ctx.arg(1)
     shape = ctx.meta_shape()
-    idx_vals = [ctx.value(i) if i is not None else None for i in indices]
-    present = [i for i, t in enumerate(idx_vals) if t is not None]
+    idx_vals = {d: v for d, i in enumerate(indices) if (v := ctx.value(i)) is not None}
+    present = sorted(idx_vals)
     if not present:
         return _carry(x)
     masks = [d for d in present if getattr(indices[d].meta.get("val"), "dtype", None) == torch.bool]
@@ -697,7 +700,8 @@ def _like(ctx: RuleContext) -> Value:
     """Fresh tensors shaped like the input: same dims, no values carried."""
     v = ctx.input(0)
     shape = ctx.meta_shape()
-    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, ctx.meta_shape(ctx.arg(0)))):
+    in_shape = ctx.meta_shape(ctx.arg(0))
+    if len(shape) == v.ndim and all(as_size(a) == as_size(b) for a, b in zip(shape, in_shape)):
         return Value(list(v.atoms), [], None, False)
     return Value(ctx.fresh(shape))
 

@@ -17,12 +17,13 @@ never silently merged: pinning is always safe (the space is simply not pruned).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import sympy
 
 __all__ = ["Spaces", "Size", "as_size", "is_static"]
 
-Size = sympy.Expr
+Size: TypeAlias = sympy.Expr
 
 
 def as_size(value) -> Size:
@@ -121,6 +122,13 @@ class Spaces:
     def static_size(self, a: int) -> int | None:
         s = self.size(a)
         return int(s) if _is_static(s) else None
+
+    def known_size(self, a: int) -> int:
+        """The size of an atom the caller knows is static (a free unit's), else an error."""
+        s = self.static_size(a)
+        if s is None:
+            raise ValueError(f"index space {a} has the dynamic size {self.size(a)}, not a static one")
+        return s
 
     def defn(self, a: int) -> tuple[str, list[int]] | None:
         return self._atoms[self.find(a)].defn
