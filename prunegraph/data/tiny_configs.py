@@ -192,8 +192,9 @@ def _layer_maps(d: dict, layers: int) -> dict[str, dict]:
 def _shrink(d: dict) -> dict:
     """The fields of config dict ``d`` that change (sub-config dicts keep their model_type)."""
     layers = _layer_count(d)
-    kept = _kept_layers(d, layers) if layers else None
-    maps = _layer_maps(d, layers) if layers else {}
+    n = layers or 0
+    kept: list[int] = _kept_layers(d, n) if n else []
+    maps = _layer_maps(d, n) if n else {}
     out: dict[str, Any] = {}
     for key, value in d.items():
         if key in maps:
@@ -201,7 +202,7 @@ def _shrink(d: dict) -> dict:
                         else v for i, v in value.items() if int(i) in kept}
         elif isinstance(value, dict) and key not in _NOT_CONFIGS:
             sub = _shrink(value)
-            sub.update(OVERRIDES.get(value.get("model_type"), {}))
+            sub.update(OVERRIDES.get(str(value.get("model_type")), {}))
             if sub:
                 out[key] = dict(value, **sub) if "model_type" not in value else \
                     {"model_type": value["model_type"], **sub}
@@ -215,10 +216,10 @@ def _shrink(d: dict) -> dict:
                 out[key] = SIZES[key]
             elif isinstance(value, list) and layers and len(value) == layers:
                 out[key] = [SIZES[key]] * len(kept)
-        elif kept and _per_layer(key, value, layers):
+        elif kept and _per_layer(key, value, n):
             picked = [value[i] for i in kept]
             out[key] = "".join(picked) if isinstance(value, str) else type(value)(picked)
-        elif kept and _index_list(key, value, layers):
+        elif kept and _index_list(key, value, n):
             out[key] = type(value)(kept.index(i) for i in value if i in kept)
         elif key == "is_decoder" and value is False:
             out[key] = True  # encoder families used as causal LMs
@@ -270,7 +271,7 @@ def tiny_model(model_type: str, *, dtype=None, seed: int = 0):
         model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
         want = getattr(model_cls, "config_class", None)
         subs = [v for v in vars(config).values() if want is not None and isinstance(v, want)]
-        if not subs:
+        if model_cls is None or not subs:
             raise
         torch.manual_seed(seed)
         try:

@@ -150,7 +150,8 @@ def _takes_use_cache(model: torch.nn.Module) -> bool:
     if "use_cache" in params:
         return True
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") \
+        else None
     has_field = any(getattr(c, "use_cache", None) is not None for c in (config, text) if c)
     return has_field and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 

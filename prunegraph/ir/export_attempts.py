@@ -120,7 +120,7 @@ def export_with_fallbacks(model: torch.nn.Module, kwargs: dict, *, dynamic: bool
             turns it into a CaptureError).
     """
     export = export or _export
-    failures: list[tuple[str, BaseException]] = []
+    failures: list[tuple[str, Exception]] = []
     attempts = ATTEMPTS if dynamic else tuple(a for a in ATTEMPTS if a.dims == "static")
     for attempt in attempts:
         if attempt.only_after is not None and not (failures and attempt.only_after(failures[-1][1])):
@@ -142,7 +142,7 @@ def export_with_fallbacks(model: torch.nn.Module, kwargs: dict, *, dynamic: bool
 class AllAttemptsFailed(Exception):
     """Every export attempt failed; ``failures`` holds (attempt name, error) in order."""
 
-    def __init__(self, failures: list[tuple[str, BaseException]]):
+    def __init__(self, failures: list[tuple[str, Exception]]):
         self.failures = failures
         super().__init__("; ".join(f"{name}: {_first_line(e)}" for name, e in failures))
 

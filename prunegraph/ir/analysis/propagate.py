@@ -220,7 +220,7 @@ def _inline(node, graph: Graph, spaces: Spaces, values, record_use, unruled, sta
     args = list(node.args)
     found = next(((i, sub) for i, a in enumerate(args)
                   if isinstance(a, torch.fx.Node) and a.op == "get_attr"
-                  and isinstance(sub := getattr(graph.program.graph_module, a.target, None),
+                  and isinstance(sub := getattr(graph.program.graph_module, str(a.target), None),
                                  torch.fx.GraphModule)), None)
     if found is None:
         return _NOT_INLINED

@@ -110,10 +110,10 @@ def _broadcast(ctx: RuleContext) -> Value:
             if v.origins[d] is not None:
                 role = "norm" if ctx.node.target in _PRODUCTS else "bias"
                 ctx.use(v, d, role)
-    atoms = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
+    filled = [a if a is not None else ctx.spaces.new(shape[i]) for i, a in enumerate(atoms)]
     # arithmetic on index tensors no longer names the same entries: drop the value space; a
     # result computed from a parameter is no longer a view of it (origins only follow views)
-    return Value(atoms, [None] * ndim, None, any(v.param_dep for _, v in ins))
+    return Value(filled, [None] * ndim, None, any(v.param_dep for _, v in ins))
 
 
 # ---- reductions, scans: see rules_families.py (the reduction family, cumsum and friends) ------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from prunegraph.ir.analysis.registry import RuleContext, Value, family, rule
+from prunegraph.ir.analysis.registry import Origin, RuleContext, Value, family, rule
 from prunegraph.ir.analysis.rules import _broadcast, _carry, _cut, _expand, _norm_dim, _reshape, aten
 from prunegraph.ir.analysis.spaces import Conflict, as_size, is_static
 
@@ -106,7 +106,8 @@ def _reduction(ctx: RuleContext):
     keepdim = bool(ctx.param("keepdim", False))
     for d in dims:
         _mixed(ctx, v.atoms[d], "reduced over (removing units changes the result)", routed_ok=True)
-    atoms, origins = [], []
+    atoms: list[int] = []
+    origins: list[Origin | None] = []
     for d in range(v.ndim):
         if d in dims:
             if keepdim:
@@ -116,7 +117,7 @@ def _reduction(ctx: RuleContext):
             atoms.append(v.atoms[d])
             origins.append(v.origins[d])
     routed = v.atoms[dims[0]] if len(dims) == 1 else None
-    results = []
+    results: list[Value | None] = []
     for t in _outputs(ctx):
         if not isinstance(t, torch.Tensor):
             results.append(None)
@@ -222,7 +223,7 @@ def _scatter(ctx: RuleContext) -> Value:
     _routed_or_pinned(ctx, x.atoms[d], idx, "scattered into by a data-dependent index")
     srcs = ctx.meta_shape(ctx.param("src")) if src is not None else None
     for i in range(x.ndim):
-        if src is not None and as_size(srcs[i]) == as_size(ids[i]):
+        if src is not None and srcs is not None and as_size(srcs[i]) == as_size(ids[i]):
             ctx.unify(src.atoms[i], idx.atoms[i], "scatter source and index")
         elif src is not None:
             _mixed(ctx, src.atoms[i], "partly scattered")
@@ -369,7 +370,7 @@ def _slice_scatter(ctx: RuleContext) -> Value:
             _mixed(ctx, src.atoms[d], "written in a strided or data-dependent range")
         else:
             if start < 0:
-                start += ctx.spaces.static_size(x.atoms[d])
+                start += ctx.spaces.static_size(x.atoms[d]) or 0  # static: checked above
             try:
                 ctx.unify(_cut(ctx, x.atoms[d], start, length), src.atoms[d], "slice_scatter range")
             except Conflict as e:
@@ -409,8 +410,7 @@ def _bincount(ctx: RuleContext) -> Value:
 def _stack(ctx: RuleContext) -> Value:
     """Stacking ``n`` tensors: their dims unify; the new dim says which tensor an entry came
     from, which no parameter slice expresses, so it is pinned."""
-    tensors = [t for t in ctx.param("tensors") if ctx.value(t) is not None]
-    vals = [ctx.value(t) for t in tensors]
+    vals = [v for t in ctx.param("tensors") if (v := ctx.value(t)) is not None]
     shape = ctx.meta_shape()
     d = _norm_dim(ctx.param("dim", 0), len(shape))
     first = vals[0]
@@ -452,8 +452,9 @@ def _einsum(ctx: RuleContext) -> Value:
     """Equal letters unify; a parameter's contracted letters consume, its kept letters produce;
     a letter contracted between two activations is mixed (pinned unless routed)."""
     eq = ctx.arg(0).replace(" ", "")
-    ops = [ctx.value(t) for t in ctx.arg(1)]
-    if any(v is None for v in ops) or "->" not in eq:
+    maybe = [ctx.value(t) for t in ctx.arg(1)]
+    ops = [v for v in maybe if v is not None]
+    if len(ops) != len(maybe) or "->" not in eq:
         raise NotImplementedError("einsum without an explicit output or with a non-tensor")
     lhs, out = eq.split("->")
     shapes = [ctx.meta_shape(t) for t in ctx.arg(1)]
@@ -529,7 +530,9 @@ def _conv(ctx: RuleContext) -> Value:
         ctx.unify(gin, gout, "convolution groups")
         ctx.unify(x.atoms[c], xin, "grouped convolution input")
         ctx.unify(w.atoms[0], wout, "grouped convolution output")
-        ctx.unify(sp.defn(xin)[1][1], w.atoms[1], "grouped convolution input per group")
+        defn = sp.defn(xin)
+        assert defn is not None  # defined as a product just above
+        ctx.unify(defn[1][1], w.atoms[1], "grouped convolution input per group")
         ctx.use(w, 1, "consumer")
         ctx.use(w, 0, "producer")
         out_c = w.atoms[0]
@@ -612,7 +615,7 @@ def _narrow(ctx: RuleContext) -> Value:
         atoms[d] = _derived(ctx, length, "narrowed to a data-dependent range")
     else:
         if start < 0:
-            start += ctx.spaces.static_size(v.atoms[d])
+            start += ctx.spaces.static_size(v.atoms[d]) or 0  # static: checked above
         try:
             atoms[d] = _cut(ctx, v.atoms[d], start, length)
         except Conflict as e:
