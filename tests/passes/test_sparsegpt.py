@@ -20,6 +20,12 @@ def _problem(rows: int, cols: int, seed: int, tokens: int = 300):
     return X, W, 2.0 / tokens * X.t() @ X
 
 
+def _objective(Wp, W, H):
+    """sum over rows of (W' - W) H (W' - W)^T, the layer's output error SparseGPT minimises."""
+    d = Wp.double() - W.double()
+    return float(torch.einsum("ri,ij,rj->", d, H.double(), d))
+
+
 def _least_squares(W, H, keep):
     """argmin_W' (W' - W) H (W' - W)^T row by row, W' zero where ``keep`` is False."""
     out = torch.zeros_like(W, dtype=torch.float64)
@@ -56,7 +62,11 @@ def test_prefix_masks_give_the_least_squares_optimum(rows, cols, seed, blocksize
     new, got_keep = sparsegpt_prune(W, H, keep=keep, blocksize=blocksize, percdamp=damp)
     Hd = H + damp * H.diag().mean() * torch.eye(cols)
     assert torch.equal(got_keep, keep)
-    torch.testing.assert_close(new.double(), _least_squares(W, Hd, keep), rtol=1e-2, atol=1e-2)
+    assert bool((new[~keep] == 0).all())
+    # optimal in the objective it minimises: on an ill-conditioned H (damp 0) float32 OBS and a
+    # float64 solve can differ in the weights along near-null directions that cost nothing
+    best = _least_squares(W, Hd, keep)
+    assert _objective(new.double(), W, Hd) <= _objective(best, W, Hd) * (1 + 1e-3) + 1e-5
 
 
 def test_fixed_mask_result_does_not_depend_on_the_block_size():
