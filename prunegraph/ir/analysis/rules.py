@@ -514,6 +514,16 @@ def _cut(ctx: RuleContext, atom: int, start, length) -> int:
     return merged
 
 
+def _cut_or_pin(ctx: RuleContext, atom: int, start, length) -> int:
+    """:func:`_cut`, or, where the range cuts across a structured space's units, a new pinned
+    space (and the sliced one pinned): such a slice can never be sliced consistently."""
+    try:
+        return _cut(ctx, atom, start, length)
+    except Conflict as e:
+        ctx.pin(atom, f"slice of a structured space ({e})")
+        return ctx.spaces.new(length, pinned="slice of a structured space")
+
+
 @rule(aten.slice.Tensor)
 def _slice(ctx: RuleContext) -> Value:
     v = ctx.input(0)
@@ -536,11 +546,7 @@ def _slice(ctx: RuleContext) -> Value:
     else:
         if start < 0:
             start = int(in_size) + start
-        try:
-            atoms[d] = _cut(ctx, v.atoms[d], start, out_size)
-        except Conflict as e:
-            ctx.pin(v.atoms[d], f"slice of a structured space ({e})")
-            atoms[d] = ctx.spaces.new(out_size, pinned="slice of a structured space")
+        atoms[d] = _cut_or_pin(ctx, v.atoms[d], start, out_size)
     origins[d] = None
     return Value(atoms, origins, v.value_space, v.param_dep)
 

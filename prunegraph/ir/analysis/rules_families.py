@@ -21,7 +21,16 @@ from __future__ import annotations
 import torch
 
 from prunegraph.ir.analysis.registry import Origin, RuleContext, Value, family, rule
-from prunegraph.ir.analysis.rules import _broadcast, _carry, _cut, _expand, _norm_dim, _reshape, aten
+from prunegraph.ir.analysis.rules import (
+    _broadcast,
+    _carry,
+    _cut,
+    _cut_or_pin,
+    _expand,
+    _norm_dim,
+    _reshape,
+    aten,
+)
 from prunegraph.ir.analysis.spaces import Conflict, as_size, is_static
 
 __all__: list[str] = []
@@ -616,11 +625,7 @@ def _narrow(ctx: RuleContext) -> Value:
     else:
         if start < 0:
             start += ctx.spaces.static_size(v.atoms[d]) or 0  # static: checked above
-        try:
-            atoms[d] = _cut(ctx, v.atoms[d], start, length)
-        except Conflict as e:
-            ctx.pin(v.atoms[d], f"slice of a structured space ({e})")
-            atoms[d] = ctx.spaces.new(length, pinned="slice of a structured space")
+        atoms[d] = _cut_or_pin(ctx, v.atoms[d], start, length)
     origins[d] = None
     return Value(atoms, origins, v.value_space, v.param_dep)
 
