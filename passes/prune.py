@@ -96,11 +96,8 @@ class Prune(Pass):
 
     def check_early(self, state: State) -> None:
         """The budget and the rounding fit the groups (before calibration or any other work)."""
-        # latency keeps a subset of auto's widths and times GEMMs (the model may still be on
-        # meta here): the early check asks only that auto's widths fit the budget
-        round_to = "auto" if self.round_to == "latency" else self.round_to
         check_budget(list(state.groups), self.sparsity, state.model, self.scope, self.strategy,
-                     round_to)
+                     self.round_to)
 
     def run(self, state: State) -> PassResult:
         from prunegraph.plan.plan import Plan
