@@ -122,16 +122,13 @@ class PrunePathObjective:
     def __init__(self, model: nn.Module, spec: PrunePath) -> None:
         self.model, self.spec = model, spec
         self._names = pp.router_param_names(model)
-        for r in pp.routers(model):  # oracle terms every training forward (distillation, stats)
+        self.routers = pp.routers(model)  # modules stay (sharding replaces only parameters)
+        for r in self.routers:  # oracle terms every training forward (distillation, stats)
             r.observing, r.distill_power = True, spec.distill_power
         reset_stats(model)
 
     # The trained tensors are looked up when asked, not kept: the loop may shard the model
     # (FSDP replaces its parameters) and gives the plain ones back after training.
-
-    @property
-    def routers(self) -> list[nn.Module]:
-        return pp.routers(self.model)
 
     @property
     def router_weights(self) -> list[nn.Parameter]:
