@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunegraph.passes.distill.losses import hidden_loss
+from prunegraph.passes.train.objective import load_trained, trained_state
 from prunegraph.pipeline.contract import State
 
 __all__ = ["DistillObjective"]
@@ -103,12 +104,10 @@ class DistillObjective:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": {n: p.detach().clone() for n, p in self.params.items()}}
+        return trained_state(self.params)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, value in state["params"].items():
-            self.params[n].copy_(value)
+        load_trained(self.params, state)
 
     def finish(self, state: State, history: list[dict[str, Any]],
                plots: Path | None) -> dict[str, Any]:

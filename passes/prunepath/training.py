@@ -84,6 +84,7 @@ from prunegraph.passes.prunepath.oracle import distill_loss, init_routers, oracl
 from prunegraph.passes.prunepath.router import active_fraction, reset_stats, set_tau
 from prunegraph.passes.train.config import TrainConfig, check_settings
 from prunegraph.passes.train.loop import fit
+from prunegraph.passes.train.objective import load_trained, trained_state
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 
 __all__ = ["PrunePath", "TauSweep", "PrunePathObjective", "TRAINING", "set_tau",
@@ -194,12 +195,10 @@ class PrunePathObjective:
         return {"stage": label, "tau": tau, "active_fraction": frac, **oracle}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": {n: p.detach() for n, p in self.params.items()}}
+        return trained_state(self.params)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, value in state["params"].items():
-            self.params[n].copy_(value)
+        load_trained(self.params, state)
 
     def finish(self, state: State, history: list[dict[str, Any]],
                plots: Path | None) -> dict[str, Any]:

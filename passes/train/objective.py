@@ -19,7 +19,7 @@ hard-concrete), ``PrunePathObjective`` (:mod:`prunegraph.passes.prunepath.traini
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ import torch
 
 from prunegraph.pipeline.contract import State
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "load_trained", "trained_state"]
 
 
 class Objective(Protocol):
@@ -80,3 +80,17 @@ class Objective(Protocol):
     def finish(self, state: State, history: list[dict[str, Any]],
                plots: Path | None) -> dict[str, Any]:
         """Put the result into ``state`` (plots into ``plots`` if given); the pass stats."""
+
+
+def trained_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``state_dict`` of an objective that trains named tensors: detached, not copied (the
+    checkpoint is written as soon as it is taken, and a copy of trained model weights would
+    double their memory)."""
+    return {"params": {n: t.detach() for n, t in tensors.items()}}
+
+
+@torch.no_grad()
+def load_trained(tensors: Mapping[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Copy :func:`trained_state`'s tensors back into the live ones (the optimizer holds them)."""
+    for n, value in state["params"].items():
+        tensors[n].copy_(value)
