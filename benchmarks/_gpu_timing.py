@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["GreedyDecoder", "HostSyncError", "cache_keyword", "copy_bandwidth", "eager_greedy",
-           "no_host_sync",
+__all__ = ["GreedyDecoder", "HostSyncError", "cache_keyword", "copy_bandwidth", "decode_bytes",
+           "eager_greedy", "no_host_sync",
            "static_cache", "time_prefill", "use_graph_attention", "GRAPH_ATTENTION"]
 
 GRAPH_ATTENTION = "prunegraph_graph_sdpa"
@@ -287,3 +287,16 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> dict[str, float]:
         del graph
     out["best"] = max(out.values())
     return out
+
+
+def decode_bytes(model: torch.nn.Module, batch: int, cache_len: int) -> int:
+    """Bytes one dense decode step reads: every weight but the input embedding (a tied head is
+    read as the head), plus the whole static K/V cache of the batch."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    params = {id(p): p for p in model.parameters()}
+    if emb is not head:
+        params.pop(id(emb), None)
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    kv = sum(2 * layer.self_attn.k_proj.out_features for layer in model.model.layers)
+    return weights + batch * cache_len * kv * emb.element_size()

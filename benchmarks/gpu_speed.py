@@ -58,7 +58,14 @@ import time
 
 import torch
 from _docs import replace_section
-from _gpu_timing import GreedyDecoder, copy_bandwidth, no_host_sync, time_prefill, use_graph_attention
+from _gpu_timing import (
+    GreedyDecoder,
+    copy_bandwidth,
+    decode_bytes,
+    no_host_sync,
+    time_prefill,
+    use_graph_attention,
+)
 from torch import nn
 
 from prunegraph.pipeline.runfolder import atomic_write_text
@@ -172,19 +179,6 @@ def prefill_flops(model: nn.Module, batch: int, seq: int) -> float:
     head = model.get_output_embeddings().weight.numel()
     return (2 * batch * seq * _linear_weights(model) + 2 * batch * seq * (seq + 1) * attn
             + 2 * batch * head)
-
-
-def decode_bytes(model: nn.Module, batch: int, cache_len: int) -> float:
-    """Bytes one decode step reads: every weight but the input embedding (tied embeddings are
-    read as the output head), plus the whole static K/V cache of the batch."""
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    params = {id(p): p for p in model.parameters()}
-    if emb is not head:
-        params.pop(id(emb), None)
-    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    kv = sum(2 * layer.self_attn.k_proj.out_features for layer in _layers(model))
-    return weight_bytes + batch * cache_len * kv * emb.element_size()
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,13 @@ import traceback
 
 import torch
 from _docs import replace_section
-from _gpu_timing import GreedyDecoder, copy_bandwidth, no_host_sync, use_graph_attention
+from _gpu_timing import (
+    GreedyDecoder,
+    copy_bandwidth,
+    decode_bytes,
+    no_host_sync,
+    use_graph_attention,
+)
 from torch import nn
 
 from prunegraph.pipeline.runfolder import atomic_write_text
@@ -158,19 +164,6 @@ def mlp_weight_bytes(model: nn.Module, entries: list[dict]) -> list[int]:
     return out
 
 
-def step_bytes(model: nn.Module, batch: int, cache_len: int) -> int:
-    """Bytes one dense decode step reads: every weight but the input embedding (a tied head is
-    read as the head), plus the static K/V cache of the batch."""
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    params = {id(p): p for p in model.parameters()}
-    if emb is not head:
-        params.pop(id(emb), None)
-    weights = sum(p.numel() * p.element_size() for p in params.values())
-    kv = sum(2 * layer.self_attn.k_proj.out_features for layer in model.model.layers)
-    return weights + batch * cache_len * kv * emb.element_size()
-
-
 def prunepath_bytes(dense: int, mlp: list[int], fraction: float, routers: int) -> int:
     """The dense step's bytes with each MLP read at ``fraction`` of its channels, plus the
     routers' weights."""
@@ -262,7 +255,7 @@ def run_model(name: str, args, device: str, bw: float | None, save) -> dict:
     for compile, b in plan:
         r = decode(model, b, args, prompts[b], compile, check_sync=args.dry_run)
         r.update(config="dense", compiled=bool(compile), batch=b, fraction=1.0,
-                 gbytes=step_bytes(model, b, cache_len) / 1e9)
+                 gbytes=decode_bytes(model, b, cache_len) / 1e9)
         if bw:
             r["bw_ms_per_step"] = r["gbytes"] * 1e9 / bw * 1e3
         dense[compile, b] = r
@@ -282,7 +275,7 @@ def run_model(name: str, args, device: str, bw: float | None, save) -> dict:
                           "logits_rel_err": logits_error(model, prompts[max(args.batches)][:, :1])}
         r = decode(model, b, args, prompts[b], compile, check_sync=args.dry_run)
         d = dense[compile, b]
-        gbytes = prunepath_bytes(step_bytes(model, b, cache_len) - router_bytes, mlp, k / E,
+        gbytes = prunepath_bytes(decode_bytes(model, b, cache_len) - router_bytes, mlp, k / E,
                                  router_bytes) / 1e9
         r.update(config="prunepath", compiled=bool(compile), batch=b, fraction=k / E,
                  experts=k, tau=tau, gbytes=gbytes, **checked[k])
