@@ -13,13 +13,15 @@ from prunegraph.passes.fuse import Fuse
 from prunegraph.passes.gates import Gate
 from prunegraph.passes.prune import Prune
 from prunegraph.passes.prunepath import MoEfy, PrunePath, TauSweep
+from prunegraph.passes.reconstruct import Reconstruct
 from prunegraph.passes.save_sparse import SaveSparse
 from prunegraph.passes.slice import Slice
 from prunegraph.passes.sparse_prune import SparsePrune
 from prunegraph.passes.train import Train
 
 __all__ = ["Analyze", "Distill", "Evaluate", "Finalize", "Fuse", "Gate", "MoEfy", "Prune",
-           "PrunePath", "Save", "SaveSparse", "Slice", "SparsePrune", "TauSweep", "Train"]
+           "PrunePath", "Reconstruct", "Save", "SaveSparse", "Slice", "SparsePrune", "TauSweep",
+           "Train"]
 
 
 def __getattr__(name: str):

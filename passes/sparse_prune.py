@@ -95,16 +95,19 @@ def _stats_hooks(layer: nn.Module, names: dict[str, tuple[nn.Module, int]], meth
 @torch.no_grad()
 def _prune_weight(mod: nn.Module, dim: int, method: str, stat, sparsity: float,
                   nm: tuple[int, int] | None, comparison: str, blocksize: int,
-                  percdamp: float) -> torch.Tensor:
-    """Prune one weight in place; returns its keep mask."""
+                  percdamp: float, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune one weight in place; returns its keep mask (``fixed``: SparseGPT reconstructs
+    under this mask instead of choosing one)."""
     from prunegraph.passes.sparse_masks import keep_nm, keep_unstructured, magnitude_scores, wanda_scores
     from prunegraph.passes.sparsegpt import sparsegpt_prune
 
     w = mod.weight
     if method == "sparsegpt":
         as_rows = w.detach() if dim == 1 else w.detach().t()
+        if fixed is not None:
+            fixed = (fixed if dim == 1 else fixed.t()).to(w.device)
         new, keep = sparsegpt_prune(as_rows, stat.H, sparsity, nm=nm, blocksize=blocksize,
-                                    percdamp=percdamp)
+                                    percdamp=percdamp, keep=fixed)
         if dim == 0:
             new, keep = new.t(), keep.t()
         w.copy_(new.to(w.dtype))
@@ -122,17 +125,22 @@ def oneshot_masks(model: nn.Module, method: str, sparsity: float, pattern: str =
                   batch_size: int = 8, sequential: bool = True, blocksize: int = 128,
                   percdamp: float = 0.01, skip: Iterable[str] = (), progress: bool = False,
                   apply: bool = True, names: dict[str, tuple[nn.Module, int]] | None = None,
-                  ) -> tuple[MaskSet, int]:
+                  fixed: dict[str, torch.Tensor] | None = None) -> tuple[MaskSet, int]:
     """Prune ``model`` in place with ``method`` and return ``(masks, forwards)``; ``blocks``
     (calibration tokens) are needed for ``wanda`` and ``sparsegpt``. With ``apply=False`` every
     weight is restored once its layer is done (the masks only: LEAP's initialisation);
-    ``names`` overrides :func:`prunable_weights`."""
+    ``names`` overrides :func:`prunable_weights`. ``fixed`` (``sparsegpt`` only: the
+    ``Reconstruct`` pass) gives every weight's keep mask: the weights are reconstructed under it
+    instead of a mask being chosen."""
     from prunegraph.passes._layerwise import for_each_layer
 
     nm = parse_pattern(pattern)
     names = prunable_weights(model, skip) if names is None else names
     if not names:
         raise SpecError("the model has no linear weight to prune")
+    if fixed is not None and (method != "sparsegpt" or set(fixed) != set(names)):
+        raise SpecError("a fixed mask is reconstructed by sparsegpt and must cover every "
+                        "masked weight")
     keep: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
     forwards = 0
@@ -141,9 +149,15 @@ def oneshot_masks(model: nn.Module, method: str, sparsity: float, pattern: str =
         mod, dim = names[name]
         if not apply:
             saved[name] = mod.weight.detach().clone()
+        given = fixed.get(name) if fixed is not None else None
+        if stat is None and given is not None:  # a linear the layer walk never ran: mask only
+            with torch.no_grad():
+                mod.weight.mul_(given.to(mod.weight.device, mod.weight.dtype))
+            keep[name] = given
+            return
         keep[name] = _prune_weight(mod, dim, method if stat is not None or method == "magnitude"
                                    else "magnitude", stat, sparsity, nm, comparison, blocksize,
-                                   percdamp)
+                                   percdamp, given)
 
     def restore(*_: object) -> None:
         with torch.no_grad():

@@ -28,28 +28,32 @@ from prunegraph.pipeline.contract import State
 __all__ = ["teacher_source", "load_teacher"]
 
 
-def teacher_source(state: State, teacher: str) -> tuple[str, str]:
-    """``(model spec, dtype name)`` of the dense teacher: ``teacher`` if given, else the model
-    ``Load`` loaded. Raises :class:`SpecError` when there is none to reload."""
+def teacher_source(state: State, teacher: str, who: str = "Distill.teacher"
+                   ) -> tuple[str, str]:
+    """``(model spec, dtype name)`` of the dense model: ``teacher`` if given, else the model
+    ``Load`` loaded. ``who`` is the setting that names another one (``Distill.teacher``,
+    ``Reconstruct.dense``). Raises :class:`SpecError` when there is none to reload."""
     source: dict[str, Any] | None = state.get("model_source")
     dtype = source["dtype"] if source else str(next(state.model.parameters()).dtype
                                                ).removeprefix("torch.")
     if teacher:
         return teacher, dtype
+    pass_name = who.split(".")[0]
     if source is None:
-        raise SpecError("Distill: no teacher to distill from: the pipeline did not start with "
-                        "Load (state.model_source is missing); name the dense model with "
-                        "Distill.teacher (a spec as Load takes it, e.g. smollm2-135m)")
+        raise SpecError(f"{pass_name}: no dense model to reload: the pipeline did not start "
+                        f"with Load (state.model_source is missing); name the dense model with "
+                        f"{who} (a spec as Load takes it, e.g. smollm2-135m)")
     if source.get("pruned"):
-        raise SpecError(f"Distill: the pipeline loaded {source['model']!r}, a pruned folder, "
-                        f"which is no dense teacher; name the dense model it was pruned from "
-                        f"with Distill.teacher (e.g. teacher: smollm2-135m)")
+        raise SpecError(f"{pass_name}: the pipeline loaded {source['model']!r}, a pruned "
+                        f"folder, which is not the dense model; name the dense model it was "
+                        f"pruned from with {who} (e.g. smollm2-135m)")
     return source["model"], dtype
 
 
-def load_teacher(state: State, spec: str, dtype: str, device: torch.device) -> nn.Module:
-    """The frozen teacher on ``device``, checked against ``state.plan``'s base model when there
-    is a plan. Raises :class:`SpecError` when it is another model."""
+def load_teacher(state: State, spec: str, dtype: str, device: torch.device,
+                 who: str = "Distill.teacher") -> nn.Module:
+    """The frozen dense model on ``device``, checked against ``state.plan``'s base model when
+    there is a plan. Raises :class:`SpecError` when it is another model."""
     from prunegraph.data.models import load_model
 
     model, _ = load_model(spec, dtype=getattr(torch, dtype), tokenizer=False)
@@ -58,8 +62,8 @@ def load_teacher(state: State, spec: str, dtype: str, device: torch.device) -> n
         try:
             plan.check_model(model)
         except PlanError as e:
-            raise SpecError(f"Distill: the teacher {spec!r} is not the dense model the plan was "
-                            f"made from ({e}); name that model with Distill.teacher") from None
+            raise SpecError(f"{who.split('.')[0]}: {spec!r} is not the dense model the plan was "
+                            f"made from ({e}); name that model with {who}") from None
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -189,7 +189,7 @@ def test_a_pruned_folder_is_no_teacher(tmp_path, dense_dir):
     state.run_dir = tmp_path
     Save(path="pruned")(state)
     reloaded = Load(str(tmp_path / "pruned"))(State()).state
-    with pytest.raises(SpecError, match="a pruned folder, which is no dense teacher"):
+    with pytest.raises(SpecError, match="a pruned folder, which is not the dense model"):
         Distill(train={"steps": 1})(reloaded)
 
 
