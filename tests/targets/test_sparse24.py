@@ -99,3 +99,20 @@ def test_converted_model_matches_the_masked_one_on_gpu(backend):
         got = model(ids).logits.float()
     assert len(report["converted"]) == 14
     assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_converted_linears_hand_attention_row_major_outputs():
+    """The hook every converted linear gets: a transposed GEMM result comes back row-major
+    with the same values (scaled_dot_product_attention's fast kernels need the heads' last dim
+    contiguous); an output that already is passes through untouched."""
+    from prunegraph.targets.sparse24 import contiguous_output
+
+    y = torch.arange(12.0).reshape(4, 3)
+    lin = torch.nn.Linear(3, 4)
+    assert contiguous_output(lin, (), y) is None
+    fixed = contiguous_output(lin, (), y.t())
+    assert fixed.is_contiguous() and torch.equal(fixed, y.t())
+    lin.register_forward_hook(contiguous_output)
+    lin.forward = lambda x: torch.nn.functional.linear(x, lin.weight).t().contiguous().t()
+    out = lin(torch.randn(5, 3))
+    assert out.is_contiguous()
