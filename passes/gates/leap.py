@@ -412,13 +412,15 @@ class LeapGates(GateFamily):
         masks, forwards = oneshot_masks(model, self.init, self.sparsity, self.pattern, blocks,
                                         skip=(), progress=progress, apply=False,
                                         names=self.linears)
-        gen = torch.Generator().manual_seed(self.seed)
+        gens: dict[torch.device, torch.Generator] = {}
         for name, (mod, _) in self.linears.items():
-            keep = masks.masks[name]
-            noise = torch.randn(keep.shape, generator=gen) * self.init_std
+            device = mod.weight.device  # drawn where the weight lives (8B: 7e9 draws)
+            gen = gens.setdefault(device, torch.Generator(device=device).manual_seed(self.seed))
+            keep = masks.masks[name].to(device)
+            noise = torch.randn(keep.shape, generator=gen, device=device) * self.init_std
             prior = (2.0 * keep.float() - 1.0) * float(noise.std()) * self.prior_strength
-            self.logits[self.key(name)] = nn.Parameter(
-                (noise + prior).to(mod.weight.device, self.logits_dtype))
+            self.logits[self.key(name)] = nn.Parameter((noise + prior).to(self.logits_dtype))
+            del noise, prior
         return {"init": self.init, "forwards": forwards,
                 "init_sparsity": round(masks.sparsity(), 6)}
 
