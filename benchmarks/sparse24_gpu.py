@@ -69,6 +69,18 @@ def _bench(fn, smoke: bool, graph: bool = True) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
+def _graph_ms(fn, smoke: bool) -> float | str:
+    """Median milliseconds of CUDA-graph replays of ``fn``, or why it could not be captured."""
+    if smoke:
+        return _bench(fn, smoke)
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:300]
+
+
 def _two_four(weight: torch.Tensor) -> torch.Tensor:
     from prunegraph.passes.sparse_masks import keep_nm
 
@@ -147,6 +159,53 @@ def linears(device: str, smoke: bool, data: dict, out: Path) -> None:
             _write(out, data)
 
 
+def eager_linears(device: str, smoke: bool, data: dict, out: Path) -> None:
+    """One converted linear run as a model's forward runs it (eager, no CUDA graph), with a 2-D
+    input and the 3-D ``[1, T, in]`` a decoder layer passes, next to the graph replay: where
+    does the end-to-end time go?"""
+    from torch.sparse import to_sparse_semi_structured
+
+    rows = data.setdefault("eager_linears", [])
+    gen = torch.Generator(device=device).manual_seed(1)
+    shapes = {k: SHAPES[k] for k in ("q/o", "gate/up")}
+    if smoke:
+        shapes = {k: (max(64, n // 64), max(64, m // 64)) for k, (n, m) in shapes.items()}
+    for name, (n_out, n_in) in shapes.items():
+        W = _two_four(torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16,
+                                  generator=gen) * 0.02)
+        Ws = W if smoke else to_sparse_semi_structured(W)
+        for T in (64,) if smoke else TOKENS:
+            x = torch.randn(T, n_in, device=device, dtype=torch.bfloat16, generator=gen)
+            row: dict = {"shape": name, "tokens": T}
+            for dim, xx in (("2d", x), ("3d", x.unsqueeze(0))):
+                row[f"dense_{dim}_eager_ms"] = _bench(lambda xx=xx: F.linear(xx, W), smoke, False)
+                row[f"sparse_{dim}_eager_ms"] = _bench(lambda xx=xx: F.linear(xx, Ws), smoke,
+                                                       False)
+                row[f"sparse_{dim}_graph_ms"] = _graph_ms(lambda xx=xx: F.linear(xx, Ws), smoke)
+            rows.append(row)
+            print("eager", row, flush=True)
+            _write(out, data)
+
+
+def _profile_top(fn, n: int = 12) -> list[dict]:
+    """The ``n`` operators with the most GPU time over three calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+
+    def gpu_us(e) -> float:
+        return float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0))
+
+    events = sorted(prof.key_averages(), key=gpu_us, reverse=True)[:n]
+    return [{"op": e.key[:90], "calls": e.count // 3, "gpu_ms": gpu_us(e) / 3e3,
+             "cpu_ms": e.cpu_time_total / 3e3} for e in events]
+
+
 def _stack(device: str, layers: int, smoke: bool):
     from transformers import LlamaConfig, LlamaModel
 
@@ -165,6 +224,9 @@ def _stack(device: str, layers: int, smoke: bool):
 
 
 def end_to_end(device: str, smoke: bool, layers: int, data: dict, out: Path) -> None:
+    """The converted stack against the dense one: eager forwards (what ``model(ids)`` costs
+    as written) and CUDA-graph replays of the same forwards; on the GPU, the operators with the
+    most GPU time in one eager converted forward (where the eager time goes)."""
     from prunegraph.passes.sparse_prune import oneshot_masks
     from prunegraph.targets.sparse24 import to_semi_structured
 
@@ -175,10 +237,15 @@ def end_to_end(device: str, smoke: bool, layers: int, data: dict, out: Path) -> 
     tokens = (64,) if smoke else TOKENS
     inputs = {T: torch.randint(0, cfg.vocab_size, (1, T), device=device) for T in tokens}
     dense = {}
+
+    def fwd(ids):
+        return model(ids, use_cache=False)
+
     with torch.no_grad():
         for T, ids in inputs.items():
-            dense[T] = (model(ids).last_hidden_state, _bench(lambda ids=ids: model(ids), smoke,
-                                                             graph=False))
+            dense[T] = (fwd(ids).last_hidden_state, _bench(lambda ids=ids: fwd(ids), smoke,
+                                                           graph=False),
+                        _graph_ms(lambda ids=ids: fwd(ids), smoke))
         if smoke:
             res["converted"] = "skipped on CPU"
             return
@@ -186,13 +253,21 @@ def end_to_end(device: str, smoke: bool, layers: int, data: dict, out: Path) -> 
         res["converted"] = len(report["converted"])
         res["backend"] = report["backend"]
         for T, ids in inputs.items():
-            y = model(ids).last_hidden_state
-            ms = _bench(lambda ids=ids: model(ids), smoke, graph=False)
+            y = fwd(ids).last_hidden_state
+            ms = _bench(lambda ids=ids: fwd(ids), smoke, graph=False)
+            graph = _graph_ms(lambda ids=ids: fwd(ids), smoke)
             run = {"tokens": T, "dense_ms": dense[T][1], "sparse_ms": ms,
-                   "speedup": dense[T][1] / ms, "rel_err": _rel(y, dense[T][0])}
+                   "speedup": dense[T][1] / ms, "rel_err": _rel(y, dense[T][0]),
+                   "dense_graph_ms": dense[T][2], "sparse_graph_ms": graph}
+            if isinstance(graph, float) and isinstance(dense[T][2], float):
+                run["graph_speedup"] = dense[T][2] / graph
             res["runs"].append(run)
             print("e2e", run, flush=True)
             _write(out, data)
+        T0 = min(inputs)
+        res["profile_tokens"] = T0
+        res["profile"] = _profile_top(lambda: fwd(inputs[T0]))
+        _write(out, data)
 
 
 def leap_memory(device: str, smoke: bool, layers: int, tokens: int, checkpointing: bool,
@@ -249,6 +324,9 @@ def main() -> None:
     p.add_argument("--out", default="sparse24_gpu.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, no kernels")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--full-layers", type=int, default=32,
+                   help="decoder layers of the full-size LEAP memory run (Llama-3-8B: 32)")
+    p.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     p.add_argument("--budget", type=float, default=75.0,
                    help="seconds after which optional sections are skipped")
     p.add_argument("--from-json", default=None)
@@ -269,12 +347,18 @@ def main() -> None:
         data["cusparselt"] = bool(getattr(torch.backends, "cusparselt", None)
                                   and torch.backends.cusparselt.is_available())
     sections = [("linears", lambda: linears(device, args.smoke, data, out)),
+                ("eager_linears", lambda: eager_linears(device, args.smoke, data, out)),
                 ("end_to_end", lambda: end_to_end(device, args.smoke, args.layers, data, out)),
+                ("leap_memory_full", lambda: leap_memory(device, args.smoke, args.full_layers,
+                                                         2048, False, data, out)),
                 ("leap_memory", lambda: leap_memory(device, args.smoke, 2, 2048, False, data,
                                                     out)),
                 ("leap_memory_ckpt", lambda: leap_memory(device, args.smoke, 2, 2048, True, data,
                                                          out))]
+    only = {x for x in args.only.split(",") if x}
     for name, run in sections:
+        if only and name not in only:
+            continue
         if name != "linears" and _elapsed() > args.budget:
             data.setdefault("skipped", []).append(name)
             continue
@@ -318,7 +402,9 @@ def markdown(data: dict) -> str:
              "same with CUTLASS forced, `cslt*` cuSPARSELt called directly with a transposed "
              "result and the algorithm its search picks. Ideal: 2x (half the multiply-adds). "
              "rel err = max |sparse - dense| / max |dense|.", "",
-             "```", "python benchmarks/sparse24_gpu.py --out $OUT/sparse24_h200.json", "```", "",
+             "```", *[f"python benchmarks/sparse24_gpu.py {c}"
+                      for c in data.get("commands", ["--out $OUT/sparse24_h200.json"])],
+             "```", "",
              "| weight | tokens | dense ms | dense TFLOP/s | sparse ms | cutlass ms | cslt* ms "
              "| best speedup | rel err (sparse) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -342,16 +428,57 @@ def markdown(data: dict) -> str:
     cut = next((r["cutlass_error"] for r in data.get("linears", []) if "cutlass_error" in r), None)
     if cut:
         lines += ["", f"CUTLASS: `{cut}` (torch's CUTLASS 2:4 kernels are sm8x only)."]
+    eager = data.get("eager_linears")
+    if eager:
+        lines += ["", "One converted linear as a model's forward runs it: eager calls timed "
+                      "with `do_bench` (no CUDA graph), a 2-D `[T, in]` input and the 3-D "
+                      "`[1, T, in]` a decoder layer passes, next to the graph replay:", "",
+                  "| weight | tokens | dense eager 2-D | sparse eager 2-D | sparse graph 2-D | "
+                  "dense eager 3-D | sparse eager 3-D | sparse graph 3-D |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in eager:
+            cells = [r.get(f"{w}_{d}_{m}_ms") for d in ("2d", "3d")
+                     for w, m in (("dense", "eager"), ("sparse", "eager"), ("sparse", "graph"))]
+            lines.append(f"| {r['shape']} | {r['tokens']} | " + " | ".join(
+                f"{c:.3f}" if isinstance(c, float) else "no graph" for c in cells) + " |")
     e2e = data.get("end_to_end")
     if e2e and e2e.get("runs"):
         lines += ["", f"End to end: {e2e['layers']} decoder layers of a random Llama-3-8B config "
-                      f"(bf16, batch 1, prefill, eager forwards timed with `do_bench`, no CUDA "
-                      f"graph; {e2e['converted']} linears converted, backend "
-                      f"{e2e.get('backend')}):", "",
-                  "| tokens | dense ms | 2:4 ms | speedup | rel err |", "|---:|---:|---:|---:|---:|"]
+                      f"(bf16, batch 1, prefill; eager forwards timed with `do_bench`, and the "
+                      f"same forwards captured in a CUDA graph; {e2e['converted']} linears "
+                      f"converted, backend {e2e.get('backend')}):", "",
+                  "| tokens | dense eager ms | 2:4 eager ms | eager speedup | dense graph ms | "
+                  "2:4 graph ms | graph speedup | rel err |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in e2e["runs"]:
+            dg, sg = r.get("dense_graph_ms"), r.get("sparse_graph_ms")
+            gs = r.get("graph_speedup")
             lines.append(f"| {r['tokens']} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
-                         f"{r['speedup']:.2f}x | {r['rel_err']:.1e} |")
+                         f"{r['speedup']:.2f}x | "
+                         f"{f'{dg:.2f}' if isinstance(dg, float) else 'no graph'} | "
+                         f"{f'{sg:.2f}' if isinstance(sg, float) else 'no graph'} | "
+                         f"{f'{gs:.2f}x' if gs else ''} | {r['rel_err']:.1e} |")
+        errs = {r.get("sparse_graph_ms") for r in e2e["runs"]
+                if isinstance(r.get("sparse_graph_ms"), str)}
+        if errs:
+            lines += ["", "Graph capture of the converted forward failed: `"
+                      + next(iter(errs)) + "`."]
+        for h in data.get("end_to_end_history", []):
+            runs = "; ".join(
+                f"{r['tokens']} tokens: eager {r['sparse_ms']:.2f} ms ({r['speedup']:.2f}x)"
+                + (f", graph {r['sparse_graph_ms']:.2f} ms ({r['graph_speedup']:.2f}x)"
+                   if r.get("graph_speedup") else "") for r in h["runs"])
+            top = ", ".join(f"`{r['op'][:40]}` {r['gpu_ms']:.2f} ms"
+                            for r in h.get("profile", [])[:2])
+            lines += ["", f"Earlier state of the target, {h['label']}: {runs}"
+                      + (f" (most GPU time: {top})" if top else "") + "."]
+        if e2e.get("profile"):
+            lines += ["", f"Operators with the most GPU time in one eager converted forward "
+                          f"({e2e['profile_tokens']} tokens, mean of three):", "",
+                      "| operator | calls | GPU ms | CPU ms |", "|---|---:|---:|---:|"]
+            for r in e2e["profile"]:
+                lines.append(f"| `{r['op']}` | {r['calls']} | {r['gpu_ms']:.3f} | "
+                             f"{r['cpu_ms']:.3f} |")
     mem = data.get("leap_memory")
     if mem:
         lines += ["", "LEAP mask training memory (same stack, bf16 logits on every linear, one "
