@@ -57,13 +57,9 @@ class Reconstruct(Pass):
     dense: str = ""
 
     def validate(self) -> None:
-        for key, low in (("calib_blocks", 1), ("block_len", 2), ("batch_size", 1),
-                         ("blocksize", 1)):
-            if getattr(self, key) < low:
-                raise SpecError(f"pass Reconstruct: {key} must be >= {low}, "
-                                f"got {getattr(self, key)}")
-        if not 0.0 <= self.percdamp < 1.0:
-            raise SpecError(f"pass Reconstruct: percdamp must lie in [0, 1), got {self.percdamp}")
+        from prunegraph.passes.sparse_prune import check_layerwise_settings
+
+        check_layerwise_settings(self, "pass Reconstruct")
 
     def run(self, state: State) -> PassResult:
         from prunegraph.data.blocks import text_blocks

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -118,6 +118,15 @@ def _prune_weight(mod: nn.Module, dim: int, method: str, stat, sparsity: float,
                                                                    comparison)
     w.mul_(keep.to(w.dtype))
     return keep
+
+
+def check_layerwise_settings(p: Any, where: str) -> None:
+    """The calibration and OBS settings ``SparsePrune`` and ``Reconstruct`` share."""
+    for key, low in (("calib_blocks", 1), ("block_len", 2), ("batch_size", 1), ("blocksize", 1)):
+        if getattr(p, key) < low:
+            raise SpecError(f"{where}: {key} must be >= {low}, got {getattr(p, key)}")
+    if not 0.0 <= p.percdamp < 1.0:
+        raise SpecError(f"{where}: percdamp must lie in [0, 1), got {p.percdamp}")
 
 
 def oneshot_masks(model: nn.Module, method: str, sparsity: float, pattern: str = "unstructured",
@@ -218,13 +227,7 @@ class SparsePrune(Pass):
 
     def validate(self) -> None:
         resolve_sparsity(self.sparsity, self.pattern, "pass SparsePrune")
-        for key, low in (("calib_blocks", 1), ("block_len", 2), ("batch_size", 1),
-                         ("blocksize", 1)):
-            if getattr(self, key) < low:
-                raise SpecError(f"pass SparsePrune: {key} must be >= {low}, "
-                                f"got {getattr(self, key)}")
-        if not 0.0 <= self.percdamp < 1.0:
-            raise SpecError(f"pass SparsePrune: percdamp must lie in [0, 1), got {self.percdamp}")
+        check_layerwise_settings(self, "pass SparsePrune")
         for s in self.skip:
             try:
                 re.compile(s)
