@@ -24,6 +24,7 @@ from torch import nn
 from prunegraph.errors import CheckpointError, PreconditionError
 from prunegraph.pipeline.contract import Pass, PassResult, State, register_pass
 from prunegraph.pipeline.runfolder import atomic_dir, run_path
+from prunegraph.plan.checkpoint import without_source_quantizer
 from prunegraph.plan.masks import MASKS_FILE, MaskSet
 
 __all__ = ["SaveSparse", "save_sparse"]
@@ -59,7 +60,7 @@ def save_sparse(model: nn.Module, masks: MaskSet, path: str | os.PathLike, token
                                 "(Finalize) before saving")
     masks.check_pattern()
     _check_applied(model, masks)
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as tmp, without_source_quantizer(model):
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

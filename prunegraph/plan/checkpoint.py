@@ -30,8 +30,9 @@ with the others, and the plan's JSON records, under the extension's name, the sp
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Set
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,8 @@ from prunegraph.plan.slicing import apply_plan, config_updates, grouped_mm_align
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["save_pruned", "from_pretrained", "saved_plan", "WEIGHTS", "BUFFERS", "PLAN_STEM"]
+__all__ = ["save_pruned", "from_pretrained", "saved_plan", "without_source_quantizer", "WEIGHTS",
+           "BUFFERS", "PLAN_STEM"]
 
 WEIGHTS = "model.safetensors"
 BUFFERS = "prunegraph_buffers.safetensors"
@@ -64,6 +66,35 @@ _FIX = ("copy the whole folder again from where it was saved, or re-run the pipe
         "it")
 #: Config keys that describe how the source weights were stored, not the saved ones.
 _SOURCE_ONLY = ("quantization_config",)
+
+
+@contextlib.contextmanager
+def without_source_quantizer(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model`` forgets the GGUF file it was loaded from.
+
+    transformers dequantises a ``.gguf`` file into plain float tensors but keeps its GGUF
+    quantizer on the model and its ``quantization_config`` on the config, and then refuses
+    ``save_pretrained`` ("quantized with gguf and is not serializable") although nothing in the
+    model is quantized any more. Saving inside this block writes the plain weights and a config
+    without ``quantization_config``, so the folder loads with plain ``from_pretrained``. A model
+    with any non-float parameter (really quantized) is left alone, and transformers' refusal
+    stands."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(model, "config", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    plain = all(p.dtype.is_floating_point for p in model.parameters())
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf" or not plain:
+        yield
+        return
+    had = config is not None and "quantization_config" in vars(config)
+    saved = vars(config).pop("quantization_config") if had else None
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had:
+            config.quantization_config = saved
 
 
 def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> PreTrainedModel:

@@ -165,3 +165,31 @@ def test_save_refuses_masks_that_were_not_applied(tmp_path):
     with pytest.raises(PreconditionError, match="apply the masks"):
         save_sparse(model, masks, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_model_loaded_from_gguf_saves_as_plain_weights(tmp_path):
+    """transformers keeps the GGUF quantizer on a model it dequantised and refuses
+    save_pretrained; SaveSparse writes the plain weights, a config without the GGUF
+    quantization_config, and leaves the model as it was."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from prunegraph.passes.save_sparse import save_sparse
+
+    model = fresh("llama").eval()
+    masks, _ = oneshot_masks(model, "magnitude", 0.5)
+    quantizer = GgufHfQuantizer(GgufConfig())
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantizer.quantization_config
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(str(tmp_path / "direct"))
+    save_sparse(model, masks, tmp_path / "m")
+    assert model.hf_quantizer is quantizer
+    assert model.config.quantization_config is quantizer.quantization_config
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    assert getattr(back, "hf_quantizer", None) is None
+    assert "quantization_config" not in (tmp_path / "m" / "config.json").read_text()
+    ids = _blocks(4, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)
