@@ -129,6 +129,13 @@ def loading_note(folder: str | os.PathLike) -> str:
         info = json.loads((folder / "config.json").read_text()).get("prunegraph") or {}
     except (OSError, ValueError):
         return f"model: {folder} (prunegraph.from_pretrained)"
+    if not info:  # no prunegraph section: what save_pretrained wrote (SaveSparse)
+        from prunegraph.plan.masks import MASKS_FILE
+
+        zeros = (" with the pruned weights zeroed in place (masks in "
+                 f"{MASKS_FILE})" if (folder / MASKS_FILE).exists() else "")
+        return (f"model: {folder}: a standard checkpoint{zeros}; "
+                f"AutoModelForCausalLM.from_pretrained loads it")
     if info.get("uniform"):
         return (f"model: {folder}: a standard checkpoint (same widths in every layer); "
                 f"transformers or prunegraph.from_pretrained load it")
