@@ -86,15 +86,16 @@ def without_source_quantizer(model: nn.Module) -> Iterator[None]:
     if quantizer is None or str(getattr(method, "value", method)) != "gguf" or not plain:
         yield
         return
-    had = config is not None and "quantization_config" in vars(config)
-    saved = vars(config).pop("quantization_config") if had else None
-    model.hf_quantizer = None
+    fields = vars(config) if config is not None else {}
+    saved = fields.pop("quantization_config", None)
+    hf_model: Any = model  # a transformers PreTrainedModel: hf_quantizer is its attribute
+    hf_model.hf_quantizer = None
     try:
         yield
     finally:
-        model.hf_quantizer = quantizer
-        if had:
-            config.quantization_config = saved
+        hf_model.hf_quantizer = quantizer
+        if saved is not None:
+            fields["quantization_config"] = saved
 
 
 def _meta_model(config: Any, model_class: str | None, dtype: torch.dtype | None) -> PreTrainedModel:
