@@ -45,10 +45,12 @@ from prunegraph.data.blocks import text_blocks
 from prunegraph.data.models import load_model
 from prunegraph.data.tasks import load_task
 from prunegraph.data.text import load_documents, split_documents, token_blocks
+from prunegraph.errors import SpecError
 from prunegraph.passes import Finalize, Gate, Reconstruct, SparsePrune, Train
 from prunegraph.passes.evaluation.metrics import multiple_choice, perplexity
 from prunegraph.pipeline.contract import State
 from prunegraph.pipeline.runfolder import to_json
+from prunegraph.pipeline.spec import apply_overrides, parse_entry
 
 SECTION = "## Weight pruning: LEAP vs one-shot (SmolLM2-135M)"
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
@@ -61,31 +63,17 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def example_passes(path: Path) -> dict:
-    """The example's ``Gate``, ``Train`` and ``Finalize`` settings."""
-    spec = yaml.safe_load(path.read_text())
-    out = {}
-    for entry in spec["passes"]:
-        name, params = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-        if name in ("Gate", "Train", "Finalize"):
-            out[name] = dict(params or {})
-    return out
-
-
-def apply_overrides(leap: dict, overrides: list[str]) -> dict:
-    """``Pass.key[.key...]=value`` (a YAML value) into the example's pass settings."""
-    out = json.loads(json.dumps(leap))
-    for item in overrides:
-        path, sep, value = item.partition("=")
-        keys = path.split(".")
-        if not sep or len(keys) < 2 or keys[0] not in out:
-            raise SystemExit(f"--leap-set {item!r}: expected Pass.key=value with Pass one of "
-                             f"{sorted(out)}")
-        node = out[keys[0]]
-        for k in keys[1:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = yaml.safe_load(value)
-    return out
+def example_passes(path: Path, overrides: list[str] = ()) -> dict:
+    """The example's ``Gate``, ``Train`` and ``Finalize`` settings after ``overrides`` (the
+    syntax of ``prunegraph run --set``: ``Gate.options.prior_strength=3``)."""
+    try:
+        spec = apply_overrides(yaml.safe_load(path.read_text()), list(overrides),
+                               where=str(path))
+        entries = [parse_entry(e) for e in spec["passes"]]
+    except SpecError as e:
+        raise SystemExit(f"--leap-set: {e}") from None
+    return {name: dict(params or {}) for name, params in entries
+            if name in ("Gate", "Train", "Finalize")}
 
 
 def evaluate(model, tok, blocks, tasks, limits, ood=None) -> dict:
@@ -102,7 +90,7 @@ def evaluate(model, tok, blocks, tasks, limits, ood=None) -> dict:
 def prune(model, tok, method: str, setting: str, args, leap: dict, run_dir: Path,
           cache: dict) -> dict:
     """Prune ``model`` in place by ``method`` (see the module docstring); ``cache`` keeps each
-    LEAP row's masks and stats for its ``+reconstruct`` row."""
+    row's masks and stats for its ``+reconstruct`` row."""
     pattern = "2:4" if setting == "2:4" else "unstructured"
     sparsity = 0.5 if setting == "2:4" else float(setting)
     state = State(model=model, tokenizer=tok, groups=[], run_dir=run_dir)
@@ -110,13 +98,11 @@ def prune(model, tok, method: str, setting: str, args, leap: dict, run_dir: Path
     if post:
         if post != "reconstruct":
             raise SystemExit(f"unknown method suffix +{post} (reconstruct is the one there is)")
-        if (setting, base) in cache:
-            masks, info = cache[setting, base]
-            masks.apply_(model)
-            state.masks = masks
+        if (setting, base) in cache:  # the row ran before (a LEAP row is not trained twice)
+            cache[setting, base][0].apply_(model)
         else:
-            info = prune(model, tok, base, setting, args, leap, run_dir, cache)
-            state.masks = cache.pop("last")
+            prune(model, tok, base, setting, args, leap, run_dir, cache)
+        state.masks, info = cache[setting, base]
         t = time.perf_counter()
         r = Reconstruct(calib_blocks=args.calib_blocks, block_len=args.calib_len,
                         dense="smollm2-135m")(state)
@@ -125,8 +111,9 @@ def prune(model, tok, method: str, setting: str, args, leap: dict, run_dir: Path
     if base in ONESHOT:
         r = SparsePrune(method=base, sparsity=sparsity, pattern=pattern,
                         calib_blocks=args.calib_blocks, block_len=args.calib_len)(state)
-        cache["last"] = r.state.masks
-        return {"achieved_sparsity": r.stats["achieved_sparsity"]}
+        cache[setting, method] = (r.state.masks, {"achieved_sparsity":
+                                                  r.stats["achieved_sparsity"]})
+        return cache[setting, method][1]
     gate = dict(leap["Gate"])
     opts = dict(gate.pop("options", {}) or {}, pattern=pattern,
                 calib_blocks=args.calib_blocks, block_len=args.calib_len)
@@ -156,7 +143,6 @@ def prune(model, tok, method: str, setting: str, args, leap: dict, run_dir: Path
     if init is not None:
         info["init_sparsity"] = init
     cache[setting, method] = (state.masks, info)
-    cache["last"] = state.masks
     return info
 
 
@@ -180,7 +166,7 @@ def main() -> None:
     p.add_argument("--leap-steps", type=int, default=0,
                    help="override the example's Train.steps (polish scaled alike); 0 = as is")
     p.add_argument("--leap-set", action="append", default=[], metavar="PASS.KEY=VALUE",
-                   help="change one of the example's Gate/Train/Finalize settings")
+                   help="change one of the example's settings, as prunegraph run --set does")
     p.add_argument("--leap-label", default="leap",
                    help="the method name of LEAP's rows (a variant made with --leap-set)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -198,7 +184,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     settings = [s for s in args.settings.split(",") if s]
     limits = {k: int(v) for k, v in (x.split("=") for x in args.limits.split(","))}
-    leap = apply_overrides(example_passes(EXAMPLE), args.leap_set)
+    leap = example_passes(EXAMPLE, args.leap_set)
     methods = [args.leap_label + m[4:] if m.startswith("leap") else m for m in methods]
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
