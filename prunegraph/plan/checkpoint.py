@@ -82,8 +82,8 @@ def without_source_quantizer(model: nn.Module) -> Iterator[None]:
     quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(model, "config", None)
     method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    plain = all(p.dtype.is_floating_point for p in model.parameters())
-    if quantizer is None or str(getattr(method, "value", method)) != "gguf" or not plain:
+    if (quantizer is None or str(getattr(method, "value", method)) != "gguf"
+            or not all(p.dtype.is_floating_point for p in model.parameters())):
         yield
         return
     fields = vars(config) if config is not None else {}
