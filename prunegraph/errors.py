@@ -73,7 +73,8 @@ def nearest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A ``" Did you mean 'a' or 'b'?"`` suffix for an error message (empty if nothing is close).
 
     Every "did you mean" in prunegraph comes from here, so suggestions read the same everywhere."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=n, cutoff=0.5)
+    unique = list(dict.fromkeys(str(c) for c in candidates))  # a name listed twice is one hint
+    close = difflib.get_close_matches(str(name), unique, n=n, cutoff=0.5)
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -324,6 +324,14 @@ def test_registry_lookup_and_nearest(registry):
         get_pass_class("Zzzzzz")
 
 
+def test_a_name_offered_from_two_lists_is_suggested_once():
+    """``--set Gaet.lr=1`` looks among the spec's passes and the registered ones: Gate is in
+    both, and the hint names it once."""
+    from prunegraph.errors import nearest
+
+    assert nearest("Gaet", ["Gate", "Train", "Gate"]) == " Did you mean 'Gate'?"
+
+
 def test_registry_is_isolated():
     before = registered_passes()
     assert "Load" in before  # the built-in pass is registered on import of the pipeline
